@@ -1,0 +1,78 @@
+//! Perplexity of a model on text files.
+//!
+//! ```text
+//! cargo run --release --example evaluate -- --model assets/model/SmolLM2-135M-Instruct.Q4_1.gguf \
+//!     --text assets/corpus/moby/data.txt [--max-tokens 256] [--json]
+//! ```
+//! Each file is tokenized without BOS; its first `--max-tokens` tokens are scored (mean
+//! NLL over the N - 1 predicted tokens). `--model` is a GGUF file, an HF folder or a hub id.
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::Parser;
+use modification::checkpoint::{tokenizer, Checkpoint};
+use modification::{eval, Llama};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(about = "Perplexity of a LLaMA-family model on text files")]
+struct Args {
+    /// GGUF file, HF checkpoint folder, or hub id.
+    #[arg(long, default_value = "assets/model/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: String,
+    /// Text files to score (one result each).
+    #[arg(long, required = true, num_args = 1..)]
+    text: Vec<PathBuf>,
+    /// Score the first N tokens of each file.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Weights dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print one JSON object per file instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("unknown dtype {other} (f32, f16 or bf16)"),
+    };
+    let ckpt = Checkpoint::load(&args.model, dtype, &Device::Cpu)?;
+    let model = Llama::from_checkpoint(&ckpt)?;
+    if !args.json {
+        println!(
+            "{:<50} {:>8} {:>10} {:>12}",
+            "text", "tokens", "nll", "perplexity"
+        );
+    }
+    for path in &args.text {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut ids = tokenizer::encode(&ckpt.tokenizer, &text)?;
+        ids.truncate(args.max_tokens);
+        let ppl = eval::perplexity(&model, &ids)?;
+        if args.json {
+            let obj = serde_json::json!({
+                "text": path.display().to_string(),
+                "perplexity": ppl.perplexity,
+                "nll": ppl.nll,
+                "tokens": ppl.tokens,
+            });
+            println!("{obj}");
+        } else {
+            println!(
+                "{:<50} {:>8} {:>10.6} {:>12.4}",
+                path.display().to_string(),
+                ppl.tokens,
+                ppl.nll,
+                ppl.perplexity
+            );
+        }
+    }
+    Ok(())
+}

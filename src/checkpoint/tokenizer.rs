@@ -1,0 +1,67 @@
+//! The tokenizer of a GGUF file, rebuilt as a Hugging Face `tokenizers::Tokenizer`.
+
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{PreTokenizerWrapper, Tokenizer};
+
+/// Builds the byte-level BPE tokenizer that a GGUF file describes: vocabulary, merges and
+/// special tokens from `tokenizer.ggml.*` (through candle's GGUF reader), and the
+/// pre-tokenizer that `tokenizer.ggml.pre` names.
+///
+/// Pre-tokenizers: `smollm` (SmolLM / SmolLM2: single digits, then GPT-2 byte-level
+/// splitting without a prefix space, as in their `tokenizer.json`), `gpt2` / `default`
+/// (GPT-2 byte-level), and those candle knows (`qwen2`, `llama3`, `smaug-bpe`, `lfm2`).
+///
+/// Errors: [`Error::Tokenizer`] for a tokenizer model other than `gpt2` (byte-level BPE;
+/// SentencePiece GGUFs are not supported: load the HF folder instead), an unknown
+/// pre-tokenizer, or malformed vocabulary metadata.
+pub fn from_gguf(content: &Content) -> Result<Tokenizer> {
+    let pre = match content.metadata.get("tokenizer.ggml.pre") {
+        Some(Value::String(s)) => s.clone(),
+        _ => "default".to_string(),
+    };
+    let mut tokenizer =
+        Tokenizer::from_gguf(content).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    match pre.as_str() {
+        "smollm" => {
+            let pre_tokenizer = Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            ]);
+            tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+        }
+        "gpt2" | "default" => {
+            tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+        "qwen2" | "llama3" | "smaug-bpe" | "lfm2" => {}
+        other => {
+            return Err(Error::Tokenizer(format!(
+                "unsupported GGUF pre-tokenizer `{other}` (tokenizer.ggml.pre)"
+            )))
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// Encodes `text` without special tokens (no BOS), as the perplexity references do.
+///
+/// Errors: [`Error::Tokenizer`] if the tokenizer fails.
+pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let encoding = tokenizer
+        .encode(text, false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(encoding.get_ids().to_vec())
+}
+
+/// Decodes ids to text, keeping special tokens out.
+///
+/// Errors: [`Error::Tokenizer`] if an id is outside the vocabulary.
+pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .decode(ids, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))
+}

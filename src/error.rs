@@ -1,0 +1,124 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Every fallible function of this crate returns `Result<T, Error>`.
+///
+/// Variants name what was wrong with the input (a file, a tensor, a config field, an
+/// argument) so that a caller can tell bad input from a bug without parsing messages.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or folder could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// A configuration (an HF `config.json`, GGUF metadata or a `ModConfig`) is malformed,
+    /// incomplete or inconsistent.
+    #[error("invalid config{}: {reason}", .path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Config {
+        /// The file the config came from, when it came from a file.
+        path: Option<PathBuf>,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The checkpoint names a model architecture this crate does not implement.
+    #[error("unsupported architecture `{0}`: only LLaMA-family decoders (`llama`) are supported")]
+    UnsupportedArchitecture(String),
+
+    /// A checkpoint file is malformed or truncated.
+    #[error("malformed checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A GGUF tensor is stored in a type this crate cannot dequantize.
+    #[error("unsupported GGUF tensor type in {path}: {reason}")]
+    UnsupportedTensorType {
+        /// The file.
+        path: PathBuf,
+        /// The type as the reader reported it.
+        reason: String,
+    },
+
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    MissingTensor {
+        /// Its HF name, e.g. `model.layers.3.self_attn.q_proj.weight`.
+        name: String,
+    },
+
+    /// A tensor has a shape other than the config implies.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// Its HF name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape found in the checkpoint.
+        found: Vec<usize>,
+    },
+
+    /// The tokenizer could not be built, loaded, saved or run.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A sequence is longer than the model's context (`max_position_embeddings`).
+    #[error("sequence of {len} tokens is longer than the model's context of {max} tokens")]
+    SequenceTooLong {
+        /// Tokens in the sequence.
+        len: usize,
+        /// The model's context length.
+        max: usize,
+    },
+
+    /// An argument is outside its valid range (an empty input, p outside (0, 1), ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A model could not be fetched from the Hugging Face hub.
+    #[error("could not fetch `{repo}` from the Hugging Face hub: {reason}")]
+    Hub {
+        /// The hub id.
+        repo: String,
+        /// Why (offline machines land here).
+        reason: String,
+    },
+
+    /// A tensor operation failed; with valid input this is a bug in this crate.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// JSON (de)serialisation failed outside a config file.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Config`] without a file.
+    pub(crate) fn config(reason: impl Into<String>) -> Self {
+        Error::Config {
+            path: None,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! # modification
+//!
+//! Turn a pretrained LLaMA-family checkpoint into a Mixture-of-Depths model the
+//! MoDification way: a sigmoid router gate on each routed layer, a threshold-p operator that
+//! lets a token through a layer only when its gate reaches p, and the layer load-reducing
+//! objective `α · Σ_j F_j · G_j` added to the LM loss.
+//!
+//! This release holds the foundation: loading real checkpoints (HF safetensors folders,
+//! GGUF files, hub ids), the dense LLaMA decoder with explicit positions and padding, the
+//! export to HF folders, and perplexity evaluation.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use modification::{checkpoint::Checkpoint, eval, model::Llama};
+//!
+//! # fn main() -> modification::Result<()> {
+//! let ckpt = Checkpoint::load("assets/model/SmolLM2-135M-Instruct.Q4_1.gguf", DType::F32, &Device::Cpu)?;
+//! let model = Llama::from_checkpoint(&ckpt)?;
+//! let ids = modification::checkpoint::tokenizer::encode(&ckpt.tokenizer, "Call me Ishmael.")?;
+//! let ppl = eval::perplexity(&model, &ids)?;
+//! println!("perplexity {:.2} over {} tokens", ppl.perplexity, ppl.tokens);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod loss;
+pub mod model;
+
+pub use checkpoint::Checkpoint;
+pub use config::LlamaConfig;
+pub use error::{Error, Result};
+pub use model::{Batch, Llama};

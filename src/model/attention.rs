@@ -1,0 +1,113 @@
+//! Grouped-query causal self-attention over an arbitrary token set (Ainslie et al. 2023).
+
+use super::ops::softmax_last_dim;
+use super::rope::RopeAt;
+use crate::error::Result;
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+/// Additive mask value for a forbidden (query, key) pair. Finite, so that a query with no
+/// visible key (a padding row) yields a uniform, not a NaN, distribution.
+const MASKED: f64 = -1e9;
+
+/// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads `q_proj` `(d, d)`, `k_proj` / `v_proj` `(n_kv·hd, d)`, `o_proj` `(d, d)` from
+    /// `vb` (`model.layers.{i}.self_attn`).
+    pub fn load(vb: VarBuilder, hidden: usize, n_heads: usize, n_kv_heads: usize) -> Result<Self> {
+        let head_dim = hidden / n_heads;
+        let kv = n_kv_heads * head_dim;
+        Ok(Self {
+            q_proj: Linear::new(vb.pp("q_proj").get((hidden, hidden), "weight")?, None),
+            k_proj: Linear::new(vb.pp("k_proj").get((kv, hidden), "weight")?, None),
+            v_proj: Linear::new(vb.pp("v_proj").get((kv, hidden), "weight")?, None),
+            o_proj: Linear::new(vb.pp("o_proj").get((hidden, hidden), "weight")?, None),
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Keys and values of a token set: `x` `(B, T, d)` (already normalised), rotated at
+    /// `rope`'s positions. Returns `(k, v)`, each `(B, n_kv_heads, T, head_dim)`, as a KV
+    /// cache stores them.
+    pub fn key_values(&self, x: &Tensor, rope: &RopeAt) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, self.n_kv_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, self.n_kv_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok((rope.apply(&k)?, v))
+    }
+
+    /// Attention output for queries `x` `(B, Tq, d)` (normalised, rotated at `rope`'s
+    /// positions) over keys/values `k`, `v` `(B, n_kv_heads, Tk, head_dim)` with additive
+    /// `mask` `(B, 1, Tq, Tk)` (see [`attention_mask`]). Returns `(B, Tq, d)` after `o_proj`.
+    pub fn attend(
+        &self,
+        x: &Tensor,
+        rope: &RopeAt,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, self.n_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = rope.apply(&q)?;
+        let groups = self.n_heads / self.n_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k.clone(), groups)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v.clone(), groups)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// Self-attention of a token set on itself: `x` `(B, T, d)` normalised. `(B, T, d)`.
+    pub fn forward(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
+        let (k, v) = self.key_values(x, rope)?;
+        self.attend(x, rope, &k, &v, mask)
+    }
+}
+
+/// The additive causal mask over ORIGINAL positions: query i may see key j iff key j is
+/// valid (not padding, kept at this layer) and `pos_k[j] <= pos_q[i]`.
+///
+/// `pos_q`: `(B, Tq)` u32; `pos_k`: `(B, Tk)` u32; `valid_k`: `(B, Tk)` u8 (1 = valid).
+/// Returns `(B, 1, Tq, Tk)` in `dtype`: 0 where allowed, -1e9 elsewhere.
+pub fn attention_mask(
+    pos_q: &Tensor,
+    pos_k: &Tensor,
+    valid_k: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let causal = pos_k.unsqueeze(1)?.broadcast_le(&pos_q.unsqueeze(2)?)?;
+    let allowed = causal.broadcast_mul(&valid_k.unsqueeze(1)?)?;
+    let mask = ((allowed.to_dtype(DType::F32)? - 1.0)? * -MASKED)?;
+    Ok(mask.unsqueeze(1)?.to_dtype(dtype)?)
+}

@@ -1,0 +1,135 @@
+//! The dense LLaMA decoder (Touvron et al. 2023).
+
+use super::attention::attention_mask;
+use super::batch::Batch;
+use super::block::Block;
+use super::ops::rms_norm;
+use super::rope::RotaryEmbedding;
+use crate::checkpoint::Checkpoint;
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+/// A LLaMA-family decoder: token embedding, `num_hidden_layers` [`Block`]s, final RMSNorm,
+/// `lm_head` (tied to the embedding or not).
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed: Embedding,
+    /// The decoder layers, in order.
+    pub layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// RoPE tables for the whole context.
+    pub rope: RotaryEmbedding,
+    config: LlamaConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from a [`VarBuilder`] with HF names (`model.embed_tokens.weight`,
+    /// `model.layers.{i}....`, `model.norm.weight`, `lm_head.weight` unless tied).
+    ///
+    /// Errors: [`Error::Config`] for an invalid config; [`Error::Candle`] when `vb` lacks a
+    /// tensor or has one of another shape (a [`Checkpoint`] is validated with typed errors
+    /// before it gets here, see [`Llama::from_checkpoint`]).
+    pub fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.hidden_size;
+        let embed_w = vb
+            .pp("model.embed_tokens")
+            .get((cfg.vocab_size, d), "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_w.clone()
+        } else {
+            vb.pp("lm_head").get((cfg.vocab_size, d), "weight")?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let device = vb.device().clone();
+        Ok(Self {
+            embed: Embedding::new(embed_w, d),
+            layers,
+            norm: vb.pp("model.norm").get(d, "weight")?,
+            lm_head,
+            rope: RotaryEmbedding::new(
+                cfg.head_dim(),
+                cfg.max_position_embeddings,
+                cfg.rope_theta,
+                &device,
+            )?,
+            config: cfg.clone(),
+            dtype: vb.dtype(),
+            device,
+        })
+    }
+
+    /// Builds the model from a loaded, validated [`Checkpoint`] (its dtype and device).
+    ///
+    /// Errors: [`Error::MissingTensor`] / [`Error::ShapeMismatch`] from
+    /// [`Checkpoint::validate`].
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
+        ckpt.validate()?;
+        let vb = VarBuilder::from_tensors(ckpt.tensors.clone(), ckpt.dtype(), &ckpt.device());
+        Self::load(&ckpt.config, vb)
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The dtype of the weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings: `ids` `(B, T)` u32 -> `(B, T, d)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.forward(ids)?)
+    }
+
+    /// Final RMSNorm and `lm_head`: `hidden` `(B, T, d)` -> logits `(B, T, vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        Ok(h.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Checks that a batch fits the model's context.
+    ///
+    /// Errors: [`Error::SequenceTooLong`].
+    pub fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let max = self.config.max_position_embeddings;
+        if batch.seq_len() > max {
+            return Err(Error::SequenceTooLong {
+                len: batch.seq_len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Dense forward pass: logits for every position, `(B, T, vocab)`.
+    ///
+    /// Padding keys are masked, so each row gets the logits it would get alone; logits at
+    /// padding positions are meaningless.
+    ///
+    /// Errors: [`Error::SequenceTooLong`] when T exceeds the context.
+    pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        self.check_batch(batch)?;
+        let mut x = self.embed(&batch.ids)?;
+        let rope = self.rope.at(&batch.positions, self.dtype)?;
+        let mask = attention_mask(&batch.positions, &batch.positions, &batch.valid, self.dtype)?;
+        for layer in &self.layers {
+            x = (&x + layer.delta(&x, &rope, &mask)?)?;
+        }
+        self.logits(&x)
+    }
+}

@@ -1,0 +1,20 @@
+//! The LLaMA decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+//!
+//! Every module computes on an explicit set of tokens given by their hidden states and
+//! their ORIGINAL position ids, so that a routed layer can run the same code on the tokens
+//! its router kept (RoPE at the original positions, causal mask over original positions).
+
+pub mod attention;
+pub mod batch;
+pub mod block;
+pub mod llama;
+pub mod mlp;
+pub mod ops;
+pub mod rope;
+
+pub use attention::{attention_mask, Attention};
+pub use batch::Batch;
+pub use block::Block;
+pub use llama::Llama;
+pub use mlp::Mlp;
+pub use rope::{RopeAt, RotaryEmbedding};

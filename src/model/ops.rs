@@ -1,0 +1,39 @@
+//! Differentiable building blocks.
+//!
+//! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope` record no backward pass,
+//! so a model trained through them silently gets no gradient. These versions are composed
+//! of primitive tensor ops, each of which has a backward.
+
+use crate::error::Result;
+use candle_core::{DType, Tensor, D};
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`, computed in f32
+/// for f16/bf16 inputs (Zhang & Sennrich 2019).
+///
+/// `x`: `(..., d)`; `weight`: `(d,)`. Returns the shape and dtype of `x`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm_slow(x, weight, eps as f32)?)
+}
+
+/// Softmax over the last dimension, max-subtracted for stability. Shape and dtype of `x`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// Log-softmax over the last dimension, computed in f32. `x`: `(..., V)` -> `(..., V)` f32.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(
+        &x.to_dtype(DType::F32)?,
+        D::Minus1,
+    )?)
+}
+
+/// SiLU (swish): `x * sigmoid(x)`. Shape and dtype of `x`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::silu(x)?)
+}
+
+/// Logistic sigmoid `1 / (1 + exp(-x))`, composed of differentiable primitives.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
