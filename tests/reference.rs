@@ -1,0 +1,73 @@
+//! The dense model against an independent reference: HF transformers 5.24 / PyTorch 2.15
+//! loading the same GGUF in float32 (values from the foundation issue).
+
+mod common;
+
+use candle_core::{DType, Device};
+use modification::checkpoint::{export, tokenizer};
+use modification::{eval, generate, Checkpoint, Llama};
+
+const REF_FIRST_IDS: [u32; 8] = [105, 511, 451, 314, 441, 1355, 2455, 30];
+const REF_NLL: f64 = 3.430149;
+const REF_PPL: f64 = 30.8813;
+
+fn assert_matches_reference(ppl: eval::Perplexity) {
+    assert_eq!(ppl.tokens, 256);
+    let rel = (ppl.perplexity - REF_PPL).abs() / REF_PPL;
+    assert!(rel < 1e-3, "perplexity {} vs reference {REF_PPL} (rel {rel})", ppl.perplexity);
+    assert!((ppl.nll - REF_NLL).abs() < 1e-3 * REF_NLL, "nll {} vs {REF_NLL}", ppl.nll);
+}
+
+#[test]
+fn gguf_tokenizer_matches_hf_ids() {
+    let ids = common::moby_reference_ids();
+    assert_eq!(&ids[..8], &REF_FIRST_IDS);
+    assert_eq!(ids.len(), 256);
+}
+
+#[test]
+fn gguf_perplexity_matches_transformers() {
+    let ckpt = common::smollm2();
+    assert_eq!(ckpt.config.num_hidden_layers, 30);
+    assert_eq!(ckpt.config.hidden_size, 576);
+    assert_eq!(ckpt.config.num_kv_heads(), 3);
+    assert!(ckpt.config.tie_word_embeddings);
+    assert_eq!(ckpt.config.rope_theta, 100_000.0);
+    let model = Llama::from_checkpoint(ckpt).unwrap();
+    assert_matches_reference(eval::perplexity(&model, &common::moby_reference_ids()).unwrap());
+}
+
+#[test]
+fn exported_hf_folder_reloads_with_same_perplexity_and_tokens() {
+    let dir = common::temp_dir("export").join("smollm2-hf");
+    export::save_hf(common::smollm2(), &dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(dir.join(f).is_file(), "{f} not written");
+    }
+    let reloaded = Checkpoint::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(reloaded.config, common::smollm2().config);
+    // The exported tokenizer.json gives the reference ids too.
+    let ids = tokenizer::encode(&reloaded.tokenizer, &common::moby_reference_text()).unwrap();
+    assert_eq!(&ids[..8], &REF_FIRST_IDS);
+    let model = Llama::from_checkpoint(&reloaded).unwrap();
+    assert_matches_reference(eval::perplexity(&model, &common::moby_reference_ids()).unwrap());
+    std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn greedy_continuation_matches_transformers() {
+    let ckpt = common::smollm2();
+    let model = Llama::from_checkpoint(ckpt).unwrap();
+    let prompt = tokenizer::encode(
+        &ckpt.tokenizer,
+        "Once upon a time, there was a little girl named",
+    )
+    .unwrap();
+    let new = generate::greedy(&model, &prompt, 20, None).unwrap();
+    assert_eq!(new.len(), 20);
+    let text = tokenizer::decode(&ckpt.tokenizer, &new).unwrap();
+    assert_eq!(
+        text,
+        " Emma who loved to play in the sun. She would often go to the beach and play with her"
+    );
+}
