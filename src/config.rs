@@ -89,8 +89,17 @@ impl LlamaConfig {
     /// Parses and validates the text of an HF `config.json`; errors as
     /// [`from_json_file`](Self::from_json_file).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let cfg: LlamaConfig =
-            serde_json::from_str(text).map_err(|e| Error::config(e.to_string()))?;
+        let cfg: LlamaConfig = serde_json::from_str(text).map_err(|e| {
+            // Another architecture's config (GPT-2's `n_embd`, `n_head`, ...) lacks the
+            // LLaMA fields: report the architecture, not the first missing field.
+            let model_type = serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .and_then(|v| v.get("model_type")?.as_str().map(String::from));
+            match model_type {
+                Some(t) if t != "llama" => Error::UnsupportedArchitecture(t),
+                _ => Error::config(e.to_string()),
+            }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -10,7 +10,12 @@ use candle_core::{IndexOp, D};
 ///
 /// Errors: [`Error::InvalidArgument`] for an empty prompt; [`Error::SequenceTooLong`] when
 /// prompt plus continuation exceed the context.
-pub fn greedy(model: &Llama, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+pub fn greedy(
+    model: &Llama,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    eos: Option<u32>,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::InvalidArgument("empty prompt".to_string()));
     }
@@ -20,7 +25,10 @@ pub fn greedy(model: &Llama, prompt: &[u32], max_new_tokens: usize, eos: Option<
     for _ in 0..max_new_tokens {
         let batch = Batch::single(&ids, max, model.device())?;
         let logits = model.forward(&batch)?;
-        let next = logits.i((0, ids.len() - 1))?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+        let next = logits
+            .i((0, ids.len() - 1))?
+            .argmax(D::Minus1)?
+            .to_scalar::<u32>()?;
         ids.push(next);
         out.push(next);
         if Some(next) == eos {

@@ -35,3 +35,9 @@ pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use model::{Batch, Llama};
+pub mod mod_config;
+pub mod mod_model;
+pub mod routing;
+
+pub use mod_config::ModConfig;
+pub use mod_model::{ModModel, ModOutput, Mode};

@@ -14,8 +14,16 @@ const REF_PPL: f64 = 30.8813;
 fn assert_matches_reference(ppl: eval::Perplexity) {
     assert_eq!(ppl.tokens, 256);
     let rel = (ppl.perplexity - REF_PPL).abs() / REF_PPL;
-    assert!(rel < 1e-3, "perplexity {} vs reference {REF_PPL} (rel {rel})", ppl.perplexity);
-    assert!((ppl.nll - REF_NLL).abs() < 1e-3 * REF_NLL, "nll {} vs {REF_NLL}", ppl.nll);
+    assert!(
+        rel < 1e-3,
+        "perplexity {} vs reference {REF_PPL} (rel {rel})",
+        ppl.perplexity
+    );
+    assert!(
+        (ppl.nll - REF_NLL).abs() < 1e-3 * REF_NLL,
+        "nll {} vs {REF_NLL}",
+        ppl.nll
+    );
 }
 
 #[test]

@@ -41,10 +41,19 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
             .tensor(&mut file, gguf_name, &Device::Cpu)
             .map_err(|e| read_error(path, e))?;
         let mut w = q.dequantize(&Device::Cpu)?;
-        if hf_name.ends_with("q_proj.weight") {
-            w = unpermute_rope_rows(&w, config.num_attention_heads)?;
+        let rope_heads = if hf_name.ends_with("q_proj.weight") {
+            Some(config.num_attention_heads)
         } else if hf_name.ends_with("k_proj.weight") {
-            w = unpermute_rope_rows(&w, config.num_kv_heads())?;
+            Some(config.num_kv_heads())
+        } else {
+            None
+        };
+        // A q/k matrix whose rows do not split into the heads' RoPE pairs cannot be
+        // un-permuted; it is kept as stored and `validate` reports its shape.
+        if let Some(heads) = rope_heads {
+            if w.rank() == 2 && w.dim(0)? % (2 * heads) == 0 {
+                w = unpermute_rope_rows(&w, heads)?;
+            }
         }
         tensors.insert(hf_name, to_model_dtype(w, dtype, device)?);
     }

@@ -6,8 +6,19 @@ use candle_core::{DType, Device};
 use std::path::PathBuf;
 
 /// Whether `name` has the shape of a hub id: `owner/name`, one slash, no path-only
-/// characters. Used by [`Checkpoint::load`] only when no such path exists.
+/// characters, not a file name with a checkpoint extension, and no local folder called
+/// `owner`. Used by [`Checkpoint::load`] only when no such path exists.
 pub fn looks_like_repo_id(name: &str) -> bool {
+    let file_like = [".gguf", ".safetensors", ".json", ".bin"]
+        .iter()
+        .any(|ext| name.ends_with(ext));
+    let owner_is_local = name
+        .split('/')
+        .next()
+        .is_some_and(|owner| std::path::Path::new(owner).is_dir());
+    if file_like || owner_is_local {
+        return false;
+    }
     let mut parts = name.split('/');
     match (parts.next(), parts.next(), parts.next()) {
         (Some(owner), Some(repo), None) => [owner, repo].iter().all(|p| {

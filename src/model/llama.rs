@@ -102,9 +102,10 @@ impl Llama {
         Ok(h.broadcast_matmul(&self.lm_head.t()?)?)
     }
 
-    /// Checks that a batch fits the model's context.
+    /// Checks that a batch fits the model's context and vocabulary (one scalar read-back).
     ///
-    /// Errors: [`Error::SequenceTooLong`].
+    /// Errors: [`Error::SequenceTooLong`]; [`Error::InvalidArgument`] for a token id
+    /// outside the vocabulary.
     pub fn check_batch(&self, batch: &Batch) -> Result<()> {
         let max = self.config.max_position_embeddings;
         if batch.seq_len() > max {
@@ -112,6 +113,13 @@ impl Llama {
                 len: batch.seq_len(),
                 max,
             });
+        }
+        let largest = batch.ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if largest as usize >= self.config.vocab_size {
+            return Err(Error::InvalidArgument(format!(
+                "token id {largest} is outside the vocabulary of {} tokens",
+                self.config.vocab_size
+            )));
         }
         Ok(())
     }

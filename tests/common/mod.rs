@@ -14,7 +14,11 @@ pub fn root() -> PathBuf {
 /// The SmolLM2-135M-Instruct GGUF; panics with instructions when it was not fetched.
 pub fn gguf_path() -> PathBuf {
     let p = root().join("assets/model/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "{} missing: run scripts/fetch-assets first", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-assets first",
+        p.display()
+    );
     p
 }
 

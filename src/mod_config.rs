@@ -1,0 +1,223 @@
+//! `ModConfig`: how a dense model is turned into a Mixture-of-Depths model. Saved with every
+//! converted model as the `mod` section of its `config.json`.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Which decoder layers get a router.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RoutedLayers {
+    /// A rule over all layers.
+    Rule(LayerRule),
+    /// Explicit 0-based layer indices.
+    List(Vec<usize>),
+}
+
+/// A rule naming routed layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerRule {
+    /// Every other layer starting at 1 (1, 3, 5, ...), as in MoD and MoDification.
+    Odd,
+    /// Every layer.
+    All,
+    /// No layer: the dense model.
+    None,
+}
+
+/// The selection operator of the routed layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterKind {
+    /// MoDification's threshold-p: token i passes layer j iff its gate `g_i >= p`. Per token,
+    /// causal, no fixed capacity.
+    ThresholdP {
+        /// Threshold p in (0, 1); 0.5 in the paper (0.55 for larger models).
+        p: f64,
+        /// Per-layer overrides of p, by layer index.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        per_layer: BTreeMap<usize, f64>,
+    },
+    /// The MoD baseline (Raposo et al. 2024): per row, the `k = ceil(C · valid tokens)` tokens
+    /// with the largest router logits pass. Not causal: decoding uses the auxiliary predictor
+    /// `sigmoid(logit) > 0.5` (MoD §3.5).
+    TopK {
+        /// Capacity C in (0, 1].
+        capacity: f64,
+    },
+}
+
+/// How the gate value enters the layer's output, `x' = x + s(g) · (Block(x) − x)` on kept
+/// tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateScaling {
+    /// `s(g) = g`, as in the paper: a kept token's delta is multiplied by its gate.
+    Multiply,
+    /// Forward value 1, gradient of g (`1 + g − stopgrad(g)`): with every gate open the
+    /// converted model equals the pretrained one.
+    StraightThrough,
+}
+
+/// What the router gate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateInput {
+    /// The raw residual stream x (as in MoD / MoDification).
+    Residual,
+    /// The layer's input-RMSNorm output: immune to the few huge "massive activation"
+    /// dimensions of pretrained residual streams.
+    Normalized,
+}
+
+/// What a token skipped at a routed layer contributes to that layer's attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvPolicy {
+    /// MoD / MoDification: a skipped token is neither query nor key/value at that layer, so
+    /// the layer's KV cache never holds it (the memory saving).
+    Skip,
+    /// A skipped token still writes K and V (projected from its unchanged hidden state); only
+    /// its query, attention output, O-projection and MLP are skipped. Saves compute, not KV
+    /// memory, at about half the perplexity cost of `Skip`.
+    Keep,
+}
+
+/// The Mixture-of-Depths conversion settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModConfig {
+    /// Routed layers (default: odd).
+    pub routed_layers: RoutedLayers,
+    /// Never route the first and the last layer, whatever the rule says.
+    pub exclude_first_last: bool,
+    /// Selection operator (default: threshold-p with p = 0.5).
+    pub router: RouterKind,
+    /// How the gate scales the block's delta (default: straight-through).
+    pub gate_scaling: GateScaling,
+    /// What the gate reads (default: the residual stream).
+    pub gate_input: GateInput,
+    /// Initial gate bias b; gate weights start at zero, so every token starts at
+    /// `g = sigmoid(b)`. Must keep every token under threshold-p: `sigmoid(b) >= p`.
+    pub gate_init_bias: f64,
+    /// Coefficient α of the load-reducing objective `α · Σ_j F_j · G_j` (default 0.01).
+    pub alpha: f64,
+    /// Skipped-token KV policy (default: skip).
+    pub kv_policy: KvPolicy,
+    /// Number of leading tokens of every sequence kept at every routed layer (attention
+    /// sinks; default 1).
+    pub sink_tokens: usize,
+}
+
+impl Default for ModConfig {
+    fn default() -> Self {
+        Self {
+            routed_layers: RoutedLayers::Rule(LayerRule::Odd),
+            exclude_first_last: false,
+            router: RouterKind::ThresholdP {
+                p: 0.5,
+                per_layer: BTreeMap::new(),
+            },
+            gate_scaling: GateScaling::StraightThrough,
+            gate_input: GateInput::Residual,
+            gate_init_bias: 2.0,
+            alpha: 0.01,
+            kv_policy: KvPolicy::Skip,
+            sink_tokens: 1,
+        }
+    }
+}
+
+impl ModConfig {
+    /// The sorted routed layer indices of a model with `num_layers` layers.
+    ///
+    /// Errors: [`Error::Config`] for a listed index `>= num_layers` or a duplicate.
+    pub fn routed_layer_indices(&self, num_layers: usize) -> Result<Vec<usize>> {
+        let mut layers: Vec<usize> = match &self.routed_layers {
+            RoutedLayers::Rule(LayerRule::Odd) => (1..num_layers).step_by(2).collect(),
+            RoutedLayers::Rule(LayerRule::All) => (0..num_layers).collect(),
+            RoutedLayers::Rule(LayerRule::None) => Vec::new(),
+            RoutedLayers::List(list) => {
+                let mut list = list.clone();
+                list.sort_unstable();
+                if list.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(Error::config("routed layer listed twice"));
+                }
+                if let Some(&bad) = list.iter().find(|&&j| j >= num_layers) {
+                    return Err(Error::config(format!(
+                        "routed layer {bad} is past the model's {num_layers} layers"
+                    )));
+                }
+                list
+            }
+        };
+        if self.exclude_first_last {
+            layers.retain(|&j| j != 0 && j + 1 != num_layers);
+        }
+        Ok(layers)
+    }
+
+    /// The threshold p of layer `j` (threshold-p only).
+    pub fn threshold_for(&self, j: usize) -> Option<f64> {
+        match &self.router {
+            RouterKind::ThresholdP { p, per_layer } => Some(*per_layer.get(&j).unwrap_or(p)),
+            RouterKind::TopK { .. } => None,
+        }
+    }
+
+    /// Checks every value against a model of `num_layers` layers.
+    ///
+    /// Errors: [`Error::Config`] for p outside (0, 1) (global or per layer), a per-layer p
+    /// for a layer that is not routed, capacity outside (0, 1], α negative or not finite,
+    /// an initial bias that would skip tokens of a fresh model (`sigmoid(b) < p`), or a
+    /// routed layer index past the model.
+    pub fn validate(&self, num_layers: usize) -> Result<()> {
+        let layers = self.routed_layer_indices(num_layers)?;
+        match &self.router {
+            RouterKind::ThresholdP { p, per_layer } => {
+                for (&j, &pj) in std::iter::once((&usize::MAX, p)).chain(per_layer.iter()) {
+                    if !(pj > 0.0 && pj < 1.0) {
+                        return Err(Error::config(format!(
+                            "threshold p = {pj} is outside (0, 1)"
+                        )));
+                    }
+                    if j != usize::MAX && !layers.contains(&j) {
+                        return Err(Error::config(format!(
+                            "a threshold is given for layer {j}, which is not routed"
+                        )));
+                    }
+                    if sigmoid(self.gate_init_bias) < pj {
+                        return Err(Error::config(format!(
+                            "gate_init_bias {} gives sigmoid {:.3} < p = {pj}: a fresh model would skip tokens",
+                            self.gate_init_bias,
+                            sigmoid(self.gate_init_bias)
+                        )));
+                    }
+                }
+            }
+            RouterKind::TopK { capacity } => {
+                if !(*capacity > 0.0 && *capacity <= 1.0) {
+                    return Err(Error::config(format!(
+                        "capacity {capacity} is outside (0, 1]"
+                    )));
+                }
+            }
+        }
+        if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
+            return Err(Error::config(format!(
+                "alpha = {} must be finite and >= 0",
+                self.alpha
+            )));
+        }
+        if !self.gate_init_bias.is_finite() {
+            return Err(Error::config("gate_init_bias must be finite"));
+        }
+        Ok(())
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}

@@ -1,0 +1,328 @@
+//! The Mixture-of-Depths model: a [`Llama`] whose routed layers compute only the tokens
+//! their router keeps (MoDification, threshold-p; or MoD's top-k).
+
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::mod_config::{GateInput, GateScaling, KvPolicy, ModConfig, RouterKind};
+use crate::model::flops::{layer_flops, lm_head_flops, router_flops};
+use crate::model::{attention_mask, Batch, Block, Llama, RopeAt};
+use crate::routing::{selection, Dispatch, Router, RoutingStats, Selection};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::BTreeMap;
+
+/// How a forward pass executes the routed layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Sparse: kept tokens are gathered, run through the block and added back; skipped
+    /// tokens cost nothing. The forward value of every mode.
+    Inference,
+    /// For training: the block's delta is computed for every token (skipped tokens as
+    /// queries over the keys their policy allows, plus themselves), the forward value stays
+    /// that of the hard decision, and every token's gate receives the LM gradient:
+    /// `w = f + g − stopgrad(g)` (straight-through) or `f·g + (1 − f)(g − stopgrad(g))`
+    /// (multiply). Without it the gates of skipped tokens only feel the load-reducing push
+    /// and collapse.
+    Training,
+}
+
+/// Logits and routing statistics of one forward pass.
+#[derive(Debug, Clone)]
+pub struct ModOutput {
+    /// `(B, T, vocab)` logits in the model dtype.
+    pub logits: Tensor,
+    /// One entry per routed layer, in layer order.
+    pub stats: Vec<RoutingStats>,
+    /// FLOPs spent by the pass (layers, routers, `lm_head`).
+    pub flops: f64,
+    /// FLOPs the dense model spends on the same batch.
+    pub dense_flops: f64,
+}
+
+impl ModOutput {
+    /// Fraction of the dense model's FLOPs this pass spent.
+    pub fn compute_fraction(&self) -> f64 {
+        self.flops / self.dense_flops
+    }
+}
+
+/// A Mixture-of-Depths LLaMA: the base model plus one [`Router`] per routed layer.
+#[derive(Debug, Clone)]
+pub struct ModModel {
+    base: Llama,
+    routers: BTreeMap<usize, Router>,
+    config: ModConfig,
+}
+
+impl ModModel {
+    /// Adds routers to `base` as `config` says, reading them from `vb`
+    /// (`model.layers.{j}.router.{weight,bias}`). With a `VarMap`-backed `vb` new routers are
+    /// created (weight 0, bias `gate_init_bias`) and trainable.
+    ///
+    /// Errors: [`Error::Config`] from [`ModConfig::validate`]; [`Error::Candle`] if a stored
+    /// router tensor has another shape.
+    pub fn new(base: Llama, config: ModConfig, vb: VarBuilder) -> Result<Self> {
+        let n = base.config().num_hidden_layers;
+        config.validate(n)?;
+        let d = base.config().hidden_size;
+        let routers = config
+            .routed_layer_indices(n)?
+            .into_iter()
+            .map(|j| {
+                let r = Router::load(
+                    vb.pp(format!("model.layers.{j}.router")),
+                    d,
+                    config.gate_init_bias,
+                )?;
+                Ok((j, r))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(Self {
+            base,
+            routers,
+            config,
+        })
+    }
+
+    /// The dense base model.
+    pub fn base(&self) -> &Llama {
+        &self.base
+    }
+
+    /// The conversion settings.
+    pub fn config(&self) -> &ModConfig {
+        &self.config
+    }
+
+    /// Routers by layer index.
+    pub fn routers(&self) -> &BTreeMap<usize, Router> {
+        &self.routers
+    }
+
+    /// Forward pass: logits `(B, T, vocab)` and per-routed-layer [`RoutingStats`].
+    ///
+    /// Routed layers run the selection operator of the config (top-k over whole rows, so
+    /// this is a full-sequence forward; see [`forward_causal`](Self::forward_causal) for the
+    /// decision a decoder makes).
+    ///
+    /// Errors: [`Error::SequenceTooLong`] when T exceeds the context.
+    pub fn forward(&self, batch: &Batch, mode: Mode) -> Result<ModOutput> {
+        self.run(batch, mode, false)
+    }
+
+    /// As [`forward`](Self::forward), but with every routed layer deciding causally, per
+    /// token: threshold-p as configured; a top-k model uses its auxiliary predictor
+    /// `sigmoid(logit) >= 0.5` (MoD §3.5). This is the decision generation makes.
+    ///
+    /// Errors: as [`forward`](Self::forward).
+    pub fn forward_causal(&self, batch: &Batch, mode: Mode) -> Result<ModOutput> {
+        self.run(batch, mode, true)
+    }
+
+    fn run(&self, batch: &Batch, mode: Mode, causal: bool) -> Result<ModOutput> {
+        let base = &self.base;
+        base.check_batch(batch)?;
+        let cfg = base.config();
+        let dtype = base.dtype();
+        let (b, t) = (batch.batch_size(), batch.seq_len());
+        let mut x = base.embed(&batch.ids)?;
+        let rope = base.rope.at(&batch.positions, dtype)?;
+        let dense_mask = attention_mask(&batch.positions, &batch.positions, &batch.valid, dtype)?;
+        let dense_layer = layer_flops(cfg, b * t, b * t, b * t * t);
+        let mut flops = lm_head_flops(cfg, b * t);
+        let dense_flops = flops + dense_layer * cfg.num_hidden_layers as f64;
+        let mut stats = Vec::with_capacity(self.routers.len());
+        for (j, layer) in base.layers.iter().enumerate() {
+            match self.routers.get(&j) {
+                None => {
+                    x = (&x + layer.delta(&x, &rope, &dense_mask)?)?;
+                    flops += dense_layer;
+                }
+                Some(router) => {
+                    let ctx = LayerInput {
+                        batch,
+                        rope: &rope,
+                        dense_mask: &dense_mask,
+                        cfg,
+                    };
+                    let (next, s) = self.routed_layer(j, layer, router, &x, &ctx, mode, causal)?;
+                    flops += s.flops;
+                    stats.push(s);
+                    x = next;
+                }
+            }
+        }
+        Ok(ModOutput {
+            logits: base.logits(&x)?,
+            stats,
+            flops,
+            dense_flops,
+        })
+    }
+
+    /// The tokens layer `j` keeps, from its router's logits and gates (host copies).
+    fn select(
+        &self,
+        j: usize,
+        logits: &Tensor,
+        gates: &Tensor,
+        batch: &Batch,
+        causal: bool,
+    ) -> Result<Selection> {
+        let t = batch.seq_len();
+        let sinks = self.config.sink_tokens;
+        match (&self.config.router, causal) {
+            (RouterKind::ThresholdP { .. }, _) => {
+                let p = self.config.threshold_for(j).unwrap_or(0.5);
+                selection::threshold_p(
+                    &gates.flatten_all()?.to_vec1()?,
+                    &batch.lengths,
+                    t,
+                    p,
+                    sinks,
+                )
+            }
+            (RouterKind::TopK { .. }, true) => selection::threshold_p(
+                &gates.flatten_all()?.to_vec1()?,
+                &batch.lengths,
+                t,
+                0.5,
+                sinks,
+            ),
+            (RouterKind::TopK { capacity }, false) => selection::top_k(
+                &logits.flatten_all()?.to_vec1()?,
+                &batch.lengths,
+                t,
+                *capacity,
+                sinks,
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn routed_layer(
+        &self,
+        j: usize,
+        layer: &Block,
+        router: &Router,
+        x: &Tensor,
+        ctx: &LayerInput,
+        mode: Mode,
+        causal: bool,
+    ) -> Result<(Tensor, RoutingStats)> {
+        let batch = ctx.batch;
+        let (b, t) = (batch.batch_size(), batch.seq_len());
+        let dtype = x.dtype();
+        let gate_in = match self.config.gate_input {
+            GateInput::Residual => x.clone(),
+            GateInput::Normalized => layer.normed_input(x)?,
+        };
+        let logits = router.logits(&gate_in)?;
+        let g = router.gates(&logits)?;
+        let valid_f = batch.valid.to_dtype(DType::F32)?;
+        let n_valid = batch.num_tokens();
+        let mean_gate = ((&g * &valid_f)?.sum_all()? / n_valid.max(1) as f64)?;
+
+        let sel = self.select(j, &logits, &g, batch, causal)?;
+        let f = Tensor::from_vec(sel.mask(), (b, t), x.device())?;
+        // Forward value: the hard decision f (times g for Multiply); gradient through g.
+        let ste = (&g - g.detach())?;
+        let w = match self.config.gate_scaling {
+            GateScaling::StraightThrough => (&f + &ste)?,
+            GateScaling::Multiply => ((&f * &g)? + ((1.0 - &f)? * &ste)?)?,
+        };
+
+        let kept = sel.num_kept();
+        let router_cost = router_flops(ctx.cfg, b * t);
+        let (next, flops) = match mode {
+            Mode::Training => {
+                let mask = match self.config.kv_policy {
+                    KvPolicy::Keep => ctx.dense_mask.clone(),
+                    KvPolicy::Skip => skip_training_mask(&f, batch, dtype)?,
+                };
+                let delta = layer.delta(x, ctx.rope, &mask)?;
+                let w = w.to_dtype(dtype)?.unsqueeze(2)?;
+                (
+                    x.add(&delta.broadcast_mul(&w)?)?,
+                    layer_flops(ctx.cfg, b * t, b * t, b * t * t),
+                )
+            }
+            Mode::Inference => match Dispatch::new(&sel, x.device(), dtype)? {
+                None => (x.clone(), 0.0),
+                Some(dispatch) => {
+                    let k = dispatch.width();
+                    let xk = dispatch.gather(x)?;
+                    let rope_k: RopeAt = self.base.rope.at(&dispatch.positions, dtype)?;
+                    let (delta, flops) = match self.config.kv_policy {
+                        KvPolicy::Skip => {
+                            let mask = attention_mask(
+                                &dispatch.positions,
+                                &dispatch.positions,
+                                &dispatch.valid,
+                                dtype,
+                            )?;
+                            (
+                                layer.delta(&xk, &rope_k, &mask)?,
+                                layer_flops(ctx.cfg, b * k, b * k, b * k * k),
+                            )
+                        }
+                        KvPolicy::Keep => {
+                            let normed = layer.normed_input(x)?;
+                            let (kk, vv) = layer.attn.key_values(&normed, ctx.rope)?;
+                            let mask = attention_mask(
+                                &dispatch.positions,
+                                &batch.positions,
+                                &batch.valid,
+                                dtype,
+                            )?;
+                            let normed_k = dispatch.gather(&normed)?;
+                            let delta =
+                                layer.delta_with_kv(&xk, &normed_k, &rope_k, &kk, &vv, &mask)?;
+                            (delta, layer_flops(ctx.cfg, b * k, b * t, b * k * t))
+                        }
+                    };
+                    let wk = dispatch.gather_tokens(&w)?.to_dtype(dtype)?.unsqueeze(2)?;
+                    (dispatch.add_back(x, &delta.broadcast_mul(&wk)?)?, flops)
+                }
+            },
+        };
+        let stats = RoutingStats {
+            layer: j,
+            kept,
+            valid: n_valid,
+            mean_gate,
+            logits,
+            kept_mask: f,
+            flops: flops + router_cost,
+            dense_flops: layer_flops(ctx.cfg, b * t, b * t, b * t * t),
+        };
+        Ok((next, stats))
+    }
+}
+
+/// Per-pass inputs shared by every routed layer.
+struct LayerInput<'a> {
+    batch: &'a Batch,
+    rope: &'a RopeAt,
+    dense_mask: &'a Tensor,
+    cfg: &'a LlamaConfig,
+}
+
+/// The training-mode mask of a `Skip` routed layer, `(B, 1, T, T)`: causal over valid kept
+/// keys plus each token itself (so that a skipped token's delta, used only for its gate's
+/// gradient, is defined). `kept`: `(B, T)` f32 0/1.
+fn skip_training_mask(kept: &Tensor, batch: &Batch, dtype: DType) -> Result<Tensor> {
+    let pos = &batch.positions;
+    let causal = pos
+        .unsqueeze(1)?
+        .broadcast_le(&pos.unsqueeze(2)?)?
+        .to_dtype(DType::F32)?;
+    let itself = pos
+        .unsqueeze(1)?
+        .broadcast_eq(&pos.unsqueeze(2)?)?
+        .to_dtype(DType::F32)?;
+    let key_ok = itself.broadcast_maximum(&kept.unsqueeze(1)?)?;
+    let valid_k = batch.valid.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let allowed = causal.mul(&key_ok)?.broadcast_mul(&valid_k)?;
+    Ok(((allowed - 1.0)? * 1e9)?.unsqueeze(1)?.to_dtype(dtype)?)
+}

@@ -1,0 +1,93 @@
+//! Gather the kept tokens of every row into a dense `(B, K, d)` block, and add the block's
+//! update back into the full `(B, T, d)` hidden states.
+
+use super::selection::Selection;
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// Index tensors of a [`Selection`]: row b's kept tokens occupy slots `0..k_b` of a
+/// `(B, K)` grid, `K = max_b k_b`; the remaining slots are padding (invalid, zero update).
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// `b * T + position` of every slot, `(B * K,)` u32 (padding slots point at `b * T`).
+    flat_index: Tensor,
+    /// Original position of every slot, `(B, K)` u32.
+    pub positions: Tensor,
+    /// 1 for a kept token, 0 for a padding slot, `(B, K)` u8.
+    pub valid: Tensor,
+    /// `valid` as a `(B, K, 1)` float mask in the model dtype.
+    valid_f: Tensor,
+    batch: usize,
+    width: usize,
+    seq_len: usize,
+}
+
+impl Dispatch {
+    /// Builds the index tensors on `device` (one host-to-device copy); `dtype` is the
+    /// model's activation dtype. `None` when no row keeps a token (the layer is the
+    /// identity and computes nothing).
+    pub fn new(sel: &Selection, device: &Device, dtype: DType) -> Result<Option<Self>> {
+        let (b, k, t) = (sel.kept.len(), sel.max_kept(), sel.seq_len);
+        if k == 0 {
+            return Ok(None);
+        }
+        let mut flat = Vec::with_capacity(b * k);
+        let mut pos = Vec::with_capacity(b * k);
+        let mut valid = Vec::with_capacity(b * k);
+        for (row, kept) in sel.kept.iter().enumerate() {
+            for slot in 0..k {
+                let p = kept.get(slot).copied();
+                flat.push((row * t) as u32 + p.unwrap_or(0));
+                pos.push(p.unwrap_or(0));
+                valid.push(p.is_some() as u8);
+            }
+        }
+        let valid = Tensor::from_vec(valid, (b, k), device)?;
+        Ok(Some(Self {
+            flat_index: Tensor::from_vec(flat, b * k, device)?,
+            positions: Tensor::from_vec(pos, (b, k), device)?,
+            valid_f: valid.to_dtype(dtype)?.unsqueeze(2)?,
+            valid,
+            batch: b,
+            width: k,
+            seq_len: t,
+        }))
+    }
+
+    /// Slots per row K.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Gathers `(B, T, d)` -> `(B, K, d)` (padding slots hold row b's token 0).
+    /// Differentiable (index_select).
+    pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        Ok(x.reshape((self.batch * self.seq_len, d))?
+            .index_select(&self.flat_index, 0)?
+            .reshape((self.batch, self.width, d))?)
+    }
+
+    /// Gathers a per-token value `(B, T)` -> `(B, K)`.
+    pub fn gather_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.flatten_all()?
+            .index_select(&self.flat_index, 0)?
+            .reshape((self.batch, self.width))?)
+    }
+
+    /// `x + scatter(update)`: adds `update` `(B, K, d)` of the kept tokens into `x`
+    /// `(B, T, d)` at their positions, exactly once; padding slots add nothing and skipped
+    /// tokens are untouched. Uses `index_add`, whose gradient is right for both operands
+    /// (candle 0.11's `scatter_add` gets the base's gradient wrong).
+    pub fn add_back(&self, x: &Tensor, update: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        let update = update.broadcast_mul(&self.valid_f)?;
+        Ok(x.reshape((self.batch * self.seq_len, d))?
+            .index_add(
+                &self.flat_index,
+                &update.reshape((self.batch * self.width, d))?,
+                0,
+            )?
+            .reshape((self.batch, self.seq_len, d))?)
+    }
+}

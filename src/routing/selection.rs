@@ -1,0 +1,137 @@
+//! Token selection operators: threshold-p (MoDification) and top-k (MoD).
+
+use crate::error::{Error, Result};
+
+/// The tokens a routed layer keeps: per row of the batch, the kept positions (indices into
+/// the row) in ascending order. Padding is never kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// Kept positions of every row, ascending.
+    pub kept: Vec<Vec<u32>>,
+    /// Padded row length T.
+    pub seq_len: usize,
+}
+
+impl Selection {
+    /// Total kept tokens over the batch.
+    pub fn num_kept(&self) -> usize {
+        self.kept.iter().map(Vec::len).sum()
+    }
+
+    /// The largest number of kept tokens in a row (the width of a dispatch).
+    pub fn max_kept(&self) -> usize {
+        self.kept.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// Per-token 0/1 membership, row-major `(B, T)`.
+    pub fn mask(&self) -> Vec<f32> {
+        let mut m = vec![0f32; self.kept.len() * self.seq_len];
+        for (b, row) in self.kept.iter().enumerate() {
+            for &i in row {
+                m[b * self.seq_len + i as usize] = 1.0;
+            }
+        }
+        m
+    }
+}
+
+fn check_shapes(scores: &[f32], lengths: &[usize], seq_len: usize) -> Result<()> {
+    if scores.len() != lengths.len() * seq_len {
+        return Err(Error::InvalidArgument(format!(
+            "{} scores for {} rows of {seq_len} tokens",
+            scores.len(),
+            lengths.len()
+        )));
+    }
+    if let Some(&bad) = lengths.iter().find(|&&l| l > seq_len) {
+        return Err(Error::InvalidArgument(format!(
+            "row length {bad} exceeds the padded length {seq_len}"
+        )));
+    }
+    Ok(())
+}
+
+/// Threshold-p (MoDification): token i of a row is kept iff `gates[i] >= p`, or it is one
+/// of the first `sinks` tokens. Per token and causal: a decision depends on that token's
+/// gate only, so decoding decides exactly as a full forward does.
+///
+/// `gates`: row-major `(B, T)` gate values; `lengths`: real tokens per row (the rest is
+/// padding); `seq_len`: T.
+///
+/// Errors: [`Error::InvalidArgument`] for p outside (0, 1) or inconsistent shapes.
+pub fn threshold_p(
+    gates: &[f32],
+    lengths: &[usize],
+    seq_len: usize,
+    p: f64,
+    sinks: usize,
+) -> Result<Selection> {
+    if !(p > 0.0 && p < 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "threshold p = {p} is outside (0, 1)"
+        )));
+    }
+    check_shapes(gates, lengths, seq_len)?;
+    let p = p as f32;
+    let kept = lengths
+        .iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            let row = &gates[b * seq_len..b * seq_len + len];
+            row.iter()
+                .enumerate()
+                .filter(|&(i, &g)| i < sinks || g >= p)
+                .map(|(i, _)| i as u32)
+                .collect()
+        })
+        .collect();
+    Ok(Selection { kept, seq_len })
+}
+
+/// Top-k (MoD, Raposo et al. 2024): per row, `k = ceil(capacity · len)` tokens kept: the first
+/// `sinks` tokens, then the largest router logits (ties to the lower position). Not causal.
+///
+/// `logits`: row-major `(B, T)`; `lengths`: real tokens per row; padding is never kept and
+/// never counted in k.
+///
+/// Errors: [`Error::InvalidArgument`] for capacity outside (0, 1] or inconsistent shapes.
+pub fn top_k(
+    logits: &[f32],
+    lengths: &[usize],
+    seq_len: usize,
+    capacity: f64,
+    sinks: usize,
+) -> Result<Selection> {
+    if !(capacity > 0.0 && capacity <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "capacity {capacity} is outside (0, 1]"
+        )));
+    }
+    check_shapes(logits, lengths, seq_len)?;
+    let kept = lengths
+        .iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            let k = ((capacity * len as f64).ceil() as usize).min(len);
+            let row = &logits[b * seq_len..b * seq_len + len];
+            let n_sinks = sinks.min(len);
+            let mut rest: Vec<u32> = (n_sinks as u32..len as u32).collect();
+            let want = k.saturating_sub(n_sinks).min(rest.len());
+            // Larger logit first, then lower position; NaN logits sort last.
+            let order = |a: &u32, b: &u32| {
+                let (la, lb) = (row[*a as usize], row[*b as usize]);
+                lb.partial_cmp(&la)
+                    .unwrap_or_else(|| la.is_nan().cmp(&lb.is_nan()))
+                    .then(a.cmp(b))
+            };
+            if want > 0 && want < rest.len() {
+                rest.select_nth_unstable_by(want - 1, order);
+            }
+            rest.truncate(want);
+            let mut chosen: Vec<u32> = (0..n_sinks as u32).chain(rest).collect();
+            chosen.sort_unstable();
+            chosen
+        })
+        .collect();
+    Ok(Selection { kept, seq_len })
+}

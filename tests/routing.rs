@@ -1,0 +1,501 @@
+//! Mixture-of-Depths routing: behaviours that broke in public MoD implementations.
+//! Expected values are computed independently from the dense model's public pieces.
+
+mod common;
+#[path = "common/tiny.rs"]
+mod tiny;
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use modification::mod_config::{GateScaling, KvPolicy, LayerRule, RoutedLayers, RouterKind};
+use modification::model::attention_mask;
+use modification::routing::selection;
+use modification::{loss, Batch, Llama, ModConfig, ModModel, Mode};
+use std::collections::BTreeMap;
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn ids(n: usize, seed: u64) -> Vec<u32> {
+    tiny::values(n, seed, 1.0)
+        .iter()
+        .map(|v| ((v + 1.0) * 50.0) as u32 % 101)
+        .collect()
+}
+
+fn threshold(p: f64) -> RouterKind {
+    RouterKind::ThresholdP {
+        p,
+        per_layer: BTreeMap::new(),
+    }
+}
+
+fn odd_config() -> ModConfig {
+    ModConfig {
+        sink_tokens: 0,
+        ..ModConfig::default()
+    }
+}
+
+#[test]
+fn all_gates_open_equals_dense_exactly() {
+    let base = tiny::llama(3);
+    let batch = Batch::single(&ids(20, 1), 64, &Device::Cpu).unwrap();
+    let dense = base.forward(&batch).unwrap();
+    for scaling in [GateScaling::StraightThrough, GateScaling::Multiply] {
+        for kv in [KvPolicy::Skip, KvPolicy::Keep] {
+            let cfg = ModConfig {
+                gate_scaling: scaling,
+                kv_policy: kv,
+                ..tiny::config_all_layers()
+            };
+            // bias 50: sigmoid is exactly 1.0 in f32, so Multiply's g is forced to 1.
+            let m = tiny::mod_model(base.clone(), cfg, 0.0, 50.0);
+            for mode in [Mode::Inference, Mode::Training] {
+                let out = m.forward(&batch, mode).unwrap();
+                assert_eq!(
+                    max_diff(&out.logits, &dense),
+                    0.0,
+                    "{scaling:?} {kv:?} {mode:?}"
+                );
+                assert!(out.stats.iter().all(|s| s.kept == 20 && s.valid == 20));
+            }
+        }
+    }
+}
+
+#[test]
+fn all_gates_closed_makes_every_routed_layer_the_identity() {
+    let base = tiny::llama(3);
+    let batch = Batch::single(&ids(12, 2), 64, &Device::Cpu).unwrap();
+    let identity = base.logits(&base.embed(&batch.ids).unwrap()).unwrap();
+    for kv in [KvPolicy::Skip, KvPolicy::Keep] {
+        let cfg = ModConfig {
+            kv_policy: kv,
+            sink_tokens: 0,
+            ..tiny::config_all_layers()
+        };
+        let m = tiny::mod_model(base.clone(), cfg, 0.0, -50.0);
+        for mode in [Mode::Inference, Mode::Training] {
+            let out = m.forward(&batch, mode).unwrap();
+            assert_eq!(max_diff(&out.logits, &identity), 0.0, "{kv:?} {mode:?}");
+            assert!(out
+                .stats
+                .iter()
+                .all(|s| s.kept == 0 && s.kept_fraction() == 0.0));
+        }
+        // Inference computes nothing but the routers in closed layers.
+        let out = m.forward(&batch, Mode::Inference).unwrap();
+        assert!(out.stats.iter().all(|s| s.flops < 0.01 * s.dense_flops));
+    }
+}
+
+#[test]
+fn threshold_p_keeps_the_routers_choices_in_ascending_order() {
+    let gates = [0.1, 0.9, 0.3, 0.7, 0.5, 0.49];
+    let sel = selection::threshold_p(&gates, &[6], 6, 0.5, 0).unwrap();
+    assert_eq!(sel.kept, vec![vec![1, 3, 4]]);
+    // A sink is kept whatever its gate says.
+    let sel = selection::threshold_p(&gates, &[6], 6, 0.5, 1).unwrap();
+    assert_eq!(sel.kept, vec![vec![0, 1, 3, 4]]);
+    // Padding (positions >= length) is never kept.
+    let sel = selection::threshold_p(&[0.9; 10], &[3, 5], 5, 0.5, 0).unwrap();
+    assert_eq!(sel.kept, vec![vec![0, 1, 2], vec![0, 1, 2, 3, 4]]);
+    for bad in [0.0, 1.0, -0.1, f64::NAN] {
+        assert!(selection::threshold_p(&gates, &[6], 6, bad, 0).is_err());
+    }
+}
+
+#[test]
+fn top_k_keeps_largest_logits_not_first_positions() {
+    // k = ceil(0.5 · 4) = 2: the two largest logits, at positions 2 and 3.
+    let sel = selection::top_k(&[0.0, 0.0, 9.0, 8.0], &[4], 4, 0.5, 0).unwrap();
+    assert_eq!(sel.kept, vec![vec![2, 3]]);
+    // Ties go to the lower position.
+    let sel = selection::top_k(&[1.0, 2.0, 2.0, 2.0], &[4], 4, 0.5, 0).unwrap();
+    assert_eq!(sel.kept, vec![vec![1, 2]]);
+    // k counts valid tokens only; padding (huge logits) is never kept; ascending output.
+    let sel = selection::top_k(&[3.0, 1.0, 2.0, 99.0, 99.0], &[3], 5, 0.6, 0).unwrap();
+    assert_eq!(sel.kept, vec![vec![0, 2]]);
+    // A sink takes one of the k slots.
+    let sel = selection::top_k(&[-5.0, 1.0, 3.0, 2.0], &[4], 4, 0.5, 1).unwrap();
+    assert_eq!(sel.kept, vec![vec![0, 2]]);
+    for bad in [0.0, 1.01, f64::NAN] {
+        assert!(selection::top_k(&[1.0], &[1], 1, bad, 0).is_err());
+    }
+}
+
+/// A 2-layer model with layer 1 routed; returns (model, batch, h0 = output of layer 0).
+fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Tensor) {
+    let base = tiny::llama(2);
+    let batch = Batch::single(&ids(16, 3), 64, &Device::Cpu).unwrap();
+    let rope = base.rope.at(&batch.positions, DType::F32).unwrap();
+    let mask =
+        attention_mask(&batch.positions, &batch.positions, &batch.valid, DType::F32).unwrap();
+    let x = base.embed(&batch.ids).unwrap();
+    let h0 = (&x + base.layers[0].delta(&x, &rope, &mask).unwrap()).unwrap();
+    let cfg = ModConfig {
+        kv_policy: kv,
+        gate_scaling: scaling,
+        router: threshold(0.5),
+        ..odd_config()
+    };
+    (tiny::mod_model(base, cfg, 3.0, 0.0), batch, h0)
+}
+
+/// The tokens the router of layer 1 keeps, computed by hand from h0 and its tensors.
+fn expected_kept(m: &ModModel, h0: &Tensor) -> (Vec<usize>, Vec<f32>) {
+    let (w, b) = m.routers()[&1].tensors();
+    let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    let b: f32 = b.to_vec1::<f32>().unwrap()[0];
+    let rows: Vec<Vec<f32>> = h0.i(0).unwrap().to_vec2().unwrap();
+    let gates: Vec<f32> = rows
+        .iter()
+        .map(|r| 1.0 / (1.0 + (-(r.iter().zip(&w).map(|(a, b)| a * b).sum::<f32>() + b)).exp()))
+        .collect();
+    let kept = (0..gates.len()).filter(|&i| gates[i] >= 0.5).collect();
+    (kept, gates)
+}
+
+#[test]
+fn routed_layer_equals_dense_layer_without_skipped_tokens_at_original_positions() {
+    for scaling in [GateScaling::StraightThrough, GateScaling::Multiply] {
+        let (m, batch, h0) = partially_routed(KvPolicy::Skip, scaling);
+        let (kept, gates) = expected_kept(&m, &h0);
+        assert!(
+            kept.len() > 2 && kept.len() < 14,
+            "want a partial selection, got {kept:?}"
+        );
+        assert_ne!(
+            kept,
+            (0..kept.len()).collect::<Vec<_>>(),
+            "kept must not be a prefix"
+        );
+        // Dense layer 1 over the full sequence (RoPE at the original positions) with the
+        // skipped tokens removed from the keys; queries of skipped tokens are discarded.
+        let base = m.base();
+        let t = 16;
+        let mut allowed = vec![-1e9f32; t * t];
+        for i in 0..t {
+            for &j in kept.iter().filter(|&&j| j <= i) {
+                allowed[i * t + j] = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(allowed, (1, 1, t, t), &Device::Cpu).unwrap();
+        let rope = base.rope.at(&batch.positions, DType::F32).unwrap();
+        let delta = base.layers[1].delta(&h0, &rope, &mask).unwrap();
+        let mut rows = Vec::new();
+        for i in 0..t {
+            let h = h0.i((0, i)).unwrap();
+            rows.push(if kept.contains(&i) {
+                let s = if scaling == GateScaling::Multiply {
+                    gates[i] as f64
+                } else {
+                    1.0
+                };
+                // The residual is added exactly once: h + s · delta.
+                (&h + (delta.i((0, i)).unwrap() * s).unwrap()).unwrap()
+            } else {
+                h
+            });
+        }
+        let expected = base
+            .logits(&Tensor::stack(&rows, 0).unwrap().unsqueeze(0).unwrap())
+            .unwrap();
+        let out = m.forward(&batch, Mode::Inference).unwrap();
+        assert!(
+            max_diff(&out.logits, &expected) < 1e-4,
+            "{scaling:?}: {}",
+            max_diff(&out.logits, &expected)
+        );
+        assert_eq!(out.stats[0].kept, kept.len());
+        // Training mode has the same forward value.
+        let train = m.forward(&batch, Mode::Training).unwrap();
+        assert!(max_diff(&train.logits, &out.logits) < 1e-4);
+    }
+}
+
+#[test]
+fn keep_policy_skipped_tokens_still_serve_dense_keys_and_values() {
+    let (m, batch, h0) = partially_routed(KvPolicy::Keep, GateScaling::StraightThrough);
+    let (kept, _) = expected_kept(&m, &h0);
+    assert!(kept.len() > 2 && kept.len() < 14);
+    // Under Keep a kept token sees every earlier token's K/V, computed from the unchanged
+    // hidden state exactly as the dense layer does: its update equals the dense layer's.
+    let base = m.base();
+    let rope = base.rope.at(&batch.positions, DType::F32).unwrap();
+    let mask =
+        attention_mask(&batch.positions, &batch.positions, &batch.valid, DType::F32).unwrap();
+    let dense_delta = base.layers[1].delta(&h0, &rope, &mask).unwrap();
+    let rows: Vec<Tensor> = (0..16)
+        .map(|i| {
+            let h = h0.i((0, i)).unwrap();
+            if kept.contains(&i) {
+                (&h + dense_delta.i((0, i)).unwrap()).unwrap()
+            } else {
+                h
+            }
+        })
+        .collect();
+    let expected = base
+        .logits(&Tensor::stack(&rows, 0).unwrap().unsqueeze(0).unwrap())
+        .unwrap();
+    for mode in [Mode::Inference, Mode::Training] {
+        let out = m.forward(&batch, mode).unwrap();
+        assert!(max_diff(&out.logits, &expected) < 1e-4, "{mode:?}");
+    }
+}
+
+#[test]
+fn single_token_and_zero_kept_tokens_work() {
+    let base = tiny::llama(2);
+    let batch = Batch::single(&[7], 64, &Device::Cpu).unwrap();
+    let dense = base.forward(&batch).unwrap();
+    let identity = base.logits(&base.embed(&batch.ids).unwrap()).unwrap();
+    let closed = tiny::mod_model(base.clone(), tiny::config_all_layers_no_sink(), 0.0, -50.0);
+    let open = tiny::mod_model(base, tiny::config_all_layers_no_sink(), 0.0, 50.0);
+    for mode in [Mode::Inference, Mode::Training] {
+        let out = closed.forward(&batch, mode).unwrap();
+        assert_eq!(out.logits.dims(), &[1, 1, 101]);
+        assert_eq!(max_diff(&out.logits, &identity), 0.0);
+        assert_eq!(
+            max_diff(&open.forward(&batch, mode).unwrap().logits, &dense),
+            0.0
+        );
+    }
+}
+
+#[test]
+fn sink_tokens_are_kept_whatever_the_gate_says() {
+    let base = tiny::llama(3);
+    let rows = vec![ids(9, 4), ids(5, 5)];
+    let batch = Batch::from_rows(&rows, 0, 64, &Device::Cpu).unwrap();
+    let cfg = ModConfig {
+        sink_tokens: 1,
+        ..tiny::config_all_layers()
+    };
+    let m = tiny::mod_model(base.clone(), cfg, 0.0, -50.0);
+    let out = m.forward(&batch, Mode::Inference).unwrap();
+    for s in &out.stats {
+        assert_eq!((s.kept, s.valid), (2, 14), "layer {}", s.layer);
+        let mask: Vec<Vec<f32>> = s.kept_mask.to_vec2().unwrap();
+        assert_eq!(mask[0][0], 1.0);
+        assert_eq!(mask[1][0], 1.0);
+    }
+    // The first token computed every layer alone, as in the dense model.
+    let dense = base.forward(&batch).unwrap();
+    assert!(max_diff(&out.logits.i((.., 0)).unwrap(), &dense.i((.., 0)).unwrap()) < 1e-5);
+}
+
+#[test]
+fn padded_batch_gives_each_row_what_it_gets_alone() {
+    let base = tiny::llama(3);
+    let rows = vec![ids(13, 6), ids(4, 7), ids(9, 8)];
+    let routers = [threshold(0.5), RouterKind::TopK { capacity: 0.5 }];
+    for router in routers {
+        for kv in [KvPolicy::Skip, KvPolicy::Keep] {
+            let cfg = ModConfig {
+                router: router.clone(),
+                kv_policy: kv,
+                sink_tokens: 1,
+                ..tiny::config_all_layers()
+            };
+            let m = tiny::mod_model(base.clone(), cfg, 3.0, 0.0);
+            let batch = Batch::from_rows(&rows, 0, 64, &Device::Cpu).unwrap();
+            let out = m.forward(&batch, Mode::Inference).unwrap();
+            let mut kept_alone = vec![0usize; out.stats.len()];
+            let mut gate_sum_alone = vec![0f64; out.stats.len()];
+            for (r, row) in rows.iter().enumerate() {
+                let alone = m
+                    .forward(
+                        &Batch::single(row, 64, &Device::Cpu).unwrap(),
+                        Mode::Inference,
+                    )
+                    .unwrap();
+                let got = out.logits.i((r, ..row.len())).unwrap();
+                let want = alone.logits.i(0).unwrap();
+                assert!(max_diff(&got, &want) < 1e-4, "{router:?} {kv:?} row {r}");
+                for (l, s) in alone.stats.iter().enumerate() {
+                    kept_alone[l] += s.kept;
+                    gate_sum_alone[l] +=
+                        s.mean_gate.to_scalar::<f32>().unwrap() as f64 * row.len() as f64;
+                }
+            }
+            for (l, s) in out.stats.iter().enumerate() {
+                // Padding never enters F_j or G_j.
+                assert_eq!(s.valid, 26);
+                assert_eq!(s.kept, kept_alone[l], "{router:?} layer {l}");
+                let g = s.mean_gate.to_scalar::<f32>().unwrap() as f64;
+                assert!((g - gate_sum_alone[l] / 26.0).abs() < 1e-5);
+            }
+            // The LM loss ignores padding: the batch loss equals the token-weighted mean.
+            let (sum, count) = loss::next_token_nll(&out.logits, &batch.ids, &batch.valid).unwrap();
+            assert_eq!(count, 12 + 3 + 8);
+            assert!(sum.to_scalar::<f32>().unwrap().is_finite());
+        }
+    }
+}
+
+#[test]
+fn training_mode_gives_skipped_tokens_gates_an_lm_gradient() {
+    let base = tiny::llama(2);
+    let batch = Batch::single(&ids(16, 9), 64, &Device::Cpu).unwrap();
+    // w = 0, bias -1: every gate is sigmoid(-1) = 0.27 < p, so every token is skipped.
+    let varmap = VarMap::new();
+    let cfg = ModConfig {
+        gate_init_bias: 3.0,
+        ..odd_config()
+    };
+    {
+        let mut data = varmap.data().lock().unwrap();
+        let w =
+            Var::from_tensor(&Tensor::zeros((1, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[-1f32], &Device::Cpu).unwrap()).unwrap();
+        data.insert("model.layers.1.router.weight".into(), w);
+        data.insert("model.layers.1.router.bias".into(), b);
+    }
+    let m = ModModel::new(
+        base,
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let bias = varmap.data().lock().unwrap()["model.layers.1.router.bias"].clone();
+    let weight = varmap.data().lock().unwrap()["model.layers.1.router.weight"].clone();
+    let train = m.forward(&batch, Mode::Training).unwrap();
+    assert_eq!(train.stats[0].kept, 0);
+    let lm = loss::lm_loss(&train.logits, &batch.ids, &batch.valid).unwrap();
+    let grads = lm.backward().unwrap();
+    let gb = grads
+        .get(bias.as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    assert!(gb.abs() > 1e-6, "bias gradient {gb}");
+    let gw = grads
+        .get(weight.as_tensor())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gw > 1e-6);
+    // Without the training estimator, skipped tokens give their gates nothing.
+    let inf = m.forward(&batch, Mode::Inference).unwrap();
+    let lm = loss::lm_loss(&inf.logits, &batch.ids, &batch.valid).unwrap();
+    let grads = lm.backward().unwrap();
+    let gb = grads
+        .get(bias.as_tensor())
+        .map(|g| g.to_vec1::<f32>().unwrap()[0])
+        .unwrap_or(0.0);
+    assert_eq!(gb, 0.0);
+}
+
+#[test]
+fn backward_reaches_every_router_and_block_weight_with_finite_loss() {
+    let cfg = tiny::config(3);
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().unwrap();
+        for (name, t) in tiny::weights(&cfg) {
+            data.insert(name, Var::from_tensor(&t).unwrap());
+        }
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let base = Llama::load(&cfg, vb.clone()).unwrap();
+    let mcfg = ModConfig {
+        router: threshold(0.5),
+        gate_init_bias: 0.5,
+        ..tiny::config_all_layers()
+    };
+    let m = ModModel::new(base, mcfg.clone(), vb).unwrap();
+    // Give the fresh routers non-zero weights so that the selection is partial.
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        if name.ends_with("router.weight") {
+            let seed = name.len() as u64 + name.as_bytes()[13] as u64;
+            var.set(&Tensor::from_vec(tiny::values(64, seed, 3.0), (1, 64), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let rows = vec![ids(12, 10), ids(7, 11)];
+    let batch = Batch::from_rows(&rows, 0, 64, &Device::Cpu).unwrap();
+    for kv in [KvPolicy::Skip, KvPolicy::Keep] {
+        let m = ModModel::new(
+            m.base().clone(),
+            ModConfig {
+                kv_policy: kv,
+                ..mcfg.clone()
+            },
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let out = m.forward(&batch, Mode::Training).unwrap();
+        // Every layer keeps several tokens but not all: block weights get gradients only
+        // through kept tokens (a skipped token's delta enters with forward weight 0).
+        let kept: Vec<usize> = out.stats.iter().map(|s| s.kept).collect();
+        assert!(
+            kept.iter().all(|&k| k > 3 && k < 19),
+            "want partial routing, kept {kept:?}"
+        );
+        let total = (loss::lm_loss(&out.logits, &batch.ids, &batch.valid).unwrap()
+            + loss::load_reducing_loss(&out.stats, 0.01).unwrap())
+        .unwrap();
+        assert!(total.to_scalar::<f32>().unwrap().is_finite());
+        let grads = total.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        assert_eq!(data.len(), cfg.tensor_shapes().len() + 6);
+        for (name, var) in data.iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let norm = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{kv:?}: gradient of {name} is {norm}"
+            );
+        }
+    }
+}
+
+#[test]
+fn real_model_with_open_gates_reproduces_reference_perplexity() {
+    let ckpt = common::smollm2();
+    let base = Llama::from_checkpoint(ckpt).unwrap();
+    // Default conversion: odd layers, threshold p = 0.5, fresh gates (w = 0, b = 2).
+    let m = ModModel::new(
+        base,
+        ModConfig::default(),
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    assert_eq!(
+        m.routers().keys().copied().collect::<Vec<_>>(),
+        (1..30).step_by(2).collect::<Vec<_>>()
+    );
+    let ids = common::moby_reference_ids();
+    let batch = Batch::single(&ids, 8192, &Device::Cpu).unwrap();
+    let out = m.forward(&batch, Mode::Inference).unwrap();
+    assert!(out.stats.iter().all(|s| s.kept == 256));
+    let (sum, count) = loss::next_token_nll(&out.logits, &batch.ids, &batch.valid).unwrap();
+    let ppl = (sum.to_scalar::<f32>().unwrap() as f64 / count as f64).exp();
+    assert!((ppl - 30.8813).abs() / 30.8813 < 1e-3, "perplexity {ppl}");
+    let _ = (RoutedLayers::Rule(LayerRule::Odd),);
+}
