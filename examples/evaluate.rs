@@ -35,6 +35,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    modification::runtime::tune_malloc_for_tensors();
     let args = Args::parse();
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,

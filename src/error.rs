@@ -84,6 +84,24 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A corpus source is missing, unreadable, empty or too short.
+    #[error("corpus source `{source_name}`: {reason}")]
+    Data {
+        /// The source's name (its folder name by default).
+        source_name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Training produced a non-finite loss; the last checkpoint written before it is kept.
+    #[error("non-finite loss {loss} at step {step}; the last good checkpoint is kept")]
+    NonFiniteLoss {
+        /// The optimisation step (1-based) whose loss was not finite.
+        step: usize,
+        /// The loss value.
+        loss: f64,
+    },
+
     /// A model could not be fetched from the Hugging Face hub.
     #[error("could not fetch `{repo}` from the Hugging Face hub: {reason}")]
     Hub {

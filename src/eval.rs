@@ -38,3 +38,88 @@ pub fn perplexity(model: &Llama, ids: &[u32]) -> Result<Perplexity> {
         tokens: ids.len(),
     })
 }
+
+/// Held-out evaluation of a Mixture-of-Depths model on rows of tokens.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoutedEval {
+    /// Perplexity and mean NLL over every predicted token of the rows.
+    pub perplexity: Perplexity,
+    /// `(layer, kept fraction)` per routed layer.
+    pub kept_fraction: Vec<(usize, f64)>,
+    /// FLOPs spent as a fraction of the dense model's on the same rows.
+    pub compute_fraction: f64,
+    /// KV-cache entries (token × layer pairs that write K/V) as a fraction of the dense
+    /// model's: skipped tokens write none at a routed layer under the `Skip` policy.
+    pub kv_fraction: f64,
+}
+
+impl RoutedEval {
+    /// Fraction of (token, routed layer) computations skipped.
+    pub fn skip_fraction(&self) -> f64 {
+        let n = self.kept_fraction.len().max(1) as f64;
+        1.0 - self.kept_fraction.iter().map(|(_, f)| f).sum::<f64>() / n
+    }
+}
+
+/// Perplexity of the dense model over `rows` (each one sequence, no BOS), batched.
+///
+/// Errors: [`Error::InvalidArgument`] for no rows or fewer than 2 tokens;
+/// [`Error::SequenceTooLong`].
+pub fn dense_rows_perplexity(model: &Llama, rows: &[Vec<u32>]) -> Result<Perplexity> {
+    let batch = Batch::from_rows(
+        rows,
+        0,
+        model.config().max_position_embeddings,
+        model.device(),
+    )?;
+    let logits = model.forward(&batch)?;
+    perplexity_of(&logits, &batch)
+}
+
+/// Held-out evaluation of a routed model over `rows` (sparse inference forward).
+///
+/// Errors: as [`dense_rows_perplexity`].
+pub fn routed_rows_eval(
+    model: &crate::mod_model::ModModel,
+    rows: &[Vec<u32>],
+) -> Result<RoutedEval> {
+    let base = model.base();
+    let batch = Batch::from_rows(
+        rows,
+        0,
+        base.config().max_position_embeddings,
+        base.device(),
+    )?;
+    let out = model.forward(&batch, crate::mod_model::Mode::Inference)?;
+    let layers = base.config().num_hidden_layers;
+    let kv_entries = match model.config().kv_policy {
+        crate::mod_config::KvPolicy::Keep => (layers * batch.num_tokens()) as f64,
+        crate::mod_config::KvPolicy::Skip => {
+            out.stats.iter().map(|s| s.kept as f64).sum::<f64>()
+                + ((layers - out.stats.len()) * batch.num_tokens()) as f64
+        }
+    };
+    Ok(RoutedEval {
+        perplexity: perplexity_of(&out.logits, &batch)?,
+        kept_fraction: out
+            .stats
+            .iter()
+            .map(|s| (s.layer, s.kept_fraction()))
+            .collect(),
+        compute_fraction: out.compute_fraction(),
+        kv_fraction: kv_entries / (layers * batch.num_tokens()) as f64,
+    })
+}
+
+fn perplexity_of(logits: &candle_core::Tensor, batch: &Batch) -> Result<Perplexity> {
+    let (sum, count) = next_token_nll(logits, &batch.ids, &batch.valid)?;
+    if count == 0 {
+        return Err(Error::InvalidArgument("no token to predict".to_string()));
+    }
+    let nll = sum.to_scalar::<f32>()? as f64 / count as f64;
+    Ok(Perplexity {
+        nll,
+        perplexity: nll.exp(),
+        tokens: batch.num_tokens(),
+    })
+}

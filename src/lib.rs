@@ -38,6 +38,8 @@ pub use model::{Batch, Llama};
 pub mod mod_config;
 pub mod mod_model;
 pub mod routing;
+pub mod runtime;
+pub mod train;
 
 pub use mod_config::ModConfig;
 pub use mod_model::{ModModel, ModOutput, Mode};

@@ -12,6 +12,7 @@
 //! A hub id (`owner/name`) is fetched with hf-hub ([`hub`]). [`export`] writes any
 //! checkpoint back as an HF folder, atomically.
 
+pub mod converted;
 pub mod export;
 pub mod gguf;
 pub mod hub;

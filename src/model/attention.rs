@@ -1,10 +1,11 @@
 //! Grouped-query causal self-attention over an arbitrary token set (Ainslie et al. 2023).
 
+use super::linear::linear;
 use super::ops::softmax_last_dim;
 use super::rope::RopeAt;
 use crate::error::Result;
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 
 /// Additive mask value for a forbidden (query, key) pair. Finite, so that a query with no
 /// visible key (a padding row) yields a uniform, not a NaN, distribution.
@@ -13,10 +14,10 @@ const MASKED: f64 = -1e9;
 /// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -29,10 +30,10 @@ impl Attention {
         let head_dim = hidden / n_heads;
         let kv = n_kv_heads * head_dim;
         Ok(Self {
-            q_proj: Linear::new(vb.pp("q_proj").get((hidden, hidden), "weight")?, None),
-            k_proj: Linear::new(vb.pp("k_proj").get((kv, hidden), "weight")?, None),
-            v_proj: Linear::new(vb.pp("v_proj").get((kv, hidden), "weight")?, None),
-            o_proj: Linear::new(vb.pp("o_proj").get((hidden, hidden), "weight")?, None),
+            q_proj: vb.pp("q_proj").get((hidden, hidden), "weight")?,
+            k_proj: vb.pp("k_proj").get((kv, hidden), "weight")?,
+            v_proj: vb.pp("v_proj").get((kv, hidden), "weight")?,
+            o_proj: vb.pp("o_proj").get((hidden, hidden), "weight")?,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -44,15 +45,11 @@ impl Attention {
     /// cache stores them.
     pub fn key_values(&self, x: &Tensor, rope: &RopeAt) -> Result<(Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
-        let k = self
-            .k_proj
-            .forward(x)?
+        let k = linear(x, &self.k_proj)?
             .reshape((b, t, self.n_kv_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = self
-            .v_proj
-            .forward(x)?
+        let v = linear(x, &self.v_proj)?
             .reshape((b, t, self.n_kv_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -71,9 +68,7 @@ impl Attention {
         mask: &Tensor,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let q = self
-            .q_proj
-            .forward(x)?
+        let q = linear(x, &self.q_proj)?
             .reshape((b, t, self.n_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -85,7 +80,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        Ok(self.o_proj.forward(&out)?)
+        linear(&out, &self.o_proj)
     }
 
     /// Self-attention of a token set on itself: `x` `(B, T, d)` normalised. `(B, T, d)`.

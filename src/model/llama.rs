@@ -99,7 +99,7 @@ impl Llama {
     /// Final RMSNorm and `lm_head`: `hidden` `(B, T, d)` -> logits `(B, T, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let h = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        Ok(h.broadcast_matmul(&self.lm_head.t()?)?)
+        super::linear::linear(&h, &self.lm_head)
     }
 
     /// Checks that a batch fits the model's context and vocabulary (one scalar read-back).

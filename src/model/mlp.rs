@@ -1,15 +1,16 @@
 //! The SwiGLU feed-forward network of LLaMA (Shazeer 2020).
 
+use super::linear::linear;
 use crate::error::Result;
-use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 /// `down(silu(gate(x)) * up(x))`, no biases.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
 }
 
 impl Mlp {
@@ -17,16 +18,16 @@ impl Mlp {
     /// (`model.layers.{i}.mlp`).
     pub fn load(vb: VarBuilder, hidden: usize, ffn: usize) -> Result<Self> {
         Ok(Self {
-            gate_proj: Linear::new(vb.pp("gate_proj").get((ffn, hidden), "weight")?, None),
-            up_proj: Linear::new(vb.pp("up_proj").get((ffn, hidden), "weight")?, None),
-            down_proj: Linear::new(vb.pp("down_proj").get((hidden, ffn), "weight")?, None),
+            gate_proj: vb.pp("gate_proj").get((ffn, hidden), "weight")?,
+            up_proj: vb.pp("up_proj").get((ffn, hidden), "weight")?,
+            down_proj: vb.pp("down_proj").get((hidden, ffn), "weight")?,
         })
     }
 
     /// `x`: `(B, T, d)` -> `(B, T, d)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = crate::model::ops::silu(&self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        let gate = crate::model::ops::silu(&linear(x, &self.gate_proj)?)?;
+        let up = linear(x, &self.up_proj)?;
+        Ok(linear(&(gate * up)?, &self.down_proj)?)
     }
 }

@@ -1,0 +1,403 @@
+//! Convert a pretrained LLaMA-family model into a Mixture-of-Depths model (MoDification).
+//!
+//! ```text
+//! cargo run --release --example convert -- [--model M] [--data DIR] [--out DIR] \
+//!     [--router threshold --p 0.5 | --router topk --capacity 0.5] [--alpha 0.01] \
+//!     [--target-kept F] [--kv skip|keep] [--train routers|all] [--dense-baseline] \
+//!     [--steps N] [--seq-len T] [--json]
+//! ```
+//! Evaluates the original model on each source's held-out rows, trains the routers (or the
+//! whole model) with the LM loss plus the load-reducing objective, evaluates the converted
+//! model, saves it to `--out` and prints what it saves and costs.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use modification::checkpoint::converted::save_converted;
+use modification::eval::{self, RoutedEval};
+use modification::mod_config::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
+use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainable, Trainer};
+use modification::{Batch, Checkpoint, Llama, ModConfig, ModModel, Mode};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RouterArg {
+    Threshold,
+    Topk,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KvArg {
+    Skip,
+    Keep,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TrainArg {
+    Routers,
+    All,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Convert a pretrained LLaMA-family model into a Mixture-of-Depths model")]
+struct Args {
+    /// GGUF file, HF folder or hub id of the pretrained model.
+    #[arg(long, default_value = "assets/model/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: String,
+    /// Corpus root: every sub-folder of .txt files is one source of the mixture.
+    #[arg(long, default_value = "assets/corpus")]
+    data: PathBuf,
+    /// Output folder of the converted model (HF layout + report.json with --json).
+    #[arg(long, default_value = "out/smollm2-mod")]
+    out: PathBuf,
+    /// Selection operator: threshold-p (MoDification) or top-k (MoD baseline).
+    #[arg(long, value_enum, default_value = "threshold")]
+    router: RouterArg,
+    /// Threshold p of threshold-p routers.
+    #[arg(long, default_value_t = 0.5)]
+    p: f64,
+    /// Capacity C of top-k routers.
+    #[arg(long, default_value_t = 0.5)]
+    capacity: f64,
+    /// Load-reducing coefficient α.
+    #[arg(long, default_value_t = 0.01)]
+    alpha: f64,
+    /// Target kept fraction (mean over routed layers): the load term pushes only above it.
+    #[arg(long)]
+    target_kept: Option<f64>,
+    /// Apply --target-kept to every layer separately (forces equal skipping, like top-k).
+    #[arg(long)]
+    target_per_layer: bool,
+    /// Skipped-token KV policy.
+    #[arg(long, value_enum, default_value = "skip")]
+    kv: KvArg,
+    /// Train the routers only or the whole model.
+    #[arg(long, value_enum, default_value = "routers")]
+    train: TrainArg,
+    /// Also fine-tune the dense model with the same budget and report it.
+    #[arg(long)]
+    dense_baseline: bool,
+    /// Optimisation steps.
+    #[arg(long, default_value_t = 80)]
+    steps: usize,
+    /// Rows per step.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Router learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    router_lr: f64,
+    /// Initial gate bias (gate weights start at zero).
+    #[arg(long, default_value_t = 2.0)]
+    gate_bias: f64,
+    /// Gate on the layer's normalised input instead of the raw residual stream.
+    #[arg(long)]
+    gate_normalized: bool,
+    /// Leading tokens always kept (attention sinks).
+    #[arg(long, default_value_t = 1)]
+    sinks: usize,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = 2)]
+    seed: u64,
+    /// Continue from the training state in --out if there is one.
+    #[arg(long)]
+    resume: bool,
+    /// Checkpoint the training state every N steps.
+    #[arg(long, default_value_t = 20)]
+    checkpoint_every: usize,
+    /// Tokens of the prefill timing input.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Also write report.json into --out.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    modification::runtime::tune_malloc_for_tensors();
+    let args = Args::parse();
+    let started = Instant::now();
+    let device = Device::Cpu;
+    let ckpt = Checkpoint::load(&args.model, DType::F32, &device).context("loading the model")?;
+    let eos = ckpt.config.eos_token_id.unwrap_or(0);
+    let specs = SourceSpec::folders_of(&args.data)?;
+    let opts = CorpusOptions {
+        seq_len: args.seq_len,
+        ..CorpusOptions::default()
+    };
+    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
+    println!(
+        "model {} ({} layers); corpus {}: {}",
+        args.model,
+        ckpt.config.num_hidden_layers,
+        args.data.display(),
+        corpus
+            .sources
+            .iter()
+            .map(|s| format!("{} {}k tokens", s.name, s.train.len() / 1000))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let mod_config = ModConfig {
+        routed_layers: RoutedLayers::Rule(LayerRule::Odd),
+        router: match args.router {
+            RouterArg::Threshold => RouterKind::ThresholdP {
+                p: args.p,
+                per_layer: BTreeMap::new(),
+            },
+            RouterArg::Topk => RouterKind::TopK {
+                capacity: args.capacity,
+            },
+        },
+        kv_policy: match args.kv {
+            KvArg::Skip => KvPolicy::Skip,
+            KvArg::Keep => KvPolicy::Keep,
+        },
+        gate_input: if args.gate_normalized {
+            GateInput::Normalized
+        } else {
+            GateInput::Residual
+        },
+        gate_init_bias: args.gate_bias,
+        alpha: args.alpha,
+        sink_tokens: args.sinks,
+        ..ModConfig::default()
+    };
+    let train_config = TrainConfig {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        router_lr: args.router_lr,
+        seed: args.seed,
+        trainable: match args.train {
+            TrainArg::Routers => Trainable::Routers,
+            TrainArg::All => Trainable::All,
+        },
+        target_kept: args.target_kept,
+        target_per_layer: args.target_per_layer,
+        ..TrainConfig::default()
+    };
+
+    // 1. The original model on every source's held-out rows.
+    let dense = Llama::from_checkpoint(&ckpt)?;
+    let mut original = BTreeMap::new();
+    for s in &corpus.sources {
+        original.insert(
+            s.name.clone(),
+            eval::dense_rows_perplexity(&dense, &s.heldout)?.perplexity,
+        );
+    }
+
+    // 2. Convert.
+    let mut trainer = Trainer::new(&ckpt, mod_config.clone(), train_config.clone())?;
+    let state_dir = Trainer::state_dir(&args.out);
+    if args.resume && state_dir.is_dir() {
+        trainer.load_state(&state_dir)?;
+        println!(
+            "resumed from {} at step {}",
+            state_dir.display(),
+            trainer.step()
+        );
+    }
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} {elapsed_precise} {msg}",
+    )?);
+    bar.set_position(trainer.step() as u64);
+    let train_start = Instant::now();
+    trainer.run(&corpus, Some(&state_dir), args.checkpoint_every, |r| {
+        let collapsed: Vec<String> = r
+            .kept_fraction
+            .iter()
+            .zip(trainer_layers(&mod_config, &ckpt))
+            .filter(|(f, _)| **f == 0.0)
+            .map(|(_, j)| j.to_string())
+            .collect();
+        let warn = if collapsed.is_empty() {
+            String::new()
+        } else {
+            format!(" WARNING layers {} keep nothing", collapsed.join(","))
+        };
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "{:.0} tok/s lm {:.3} load {:.4} kept {:.3}{warn}",
+            r.tokens as f64 / r.seconds,
+            r.lm_loss,
+            r.load_loss,
+            r.mean_kept()
+        ));
+        tracing::debug!(?r, "step");
+    })?;
+    bar.finish();
+    let train_seconds = train_start.elapsed().as_secs_f64();
+
+    // 3. The converted model on the same held-out rows.
+    let model = trainer.model();
+    let mut converted: BTreeMap<String, RoutedEval> = BTreeMap::new();
+    for s in &corpus.sources {
+        converted.insert(s.name.clone(), eval::routed_rows_eval(model, &s.heldout)?);
+    }
+
+    // 4. Save; the saved model must load back.
+    save_converted(&args.out, &ckpt, &trainer.trained_tensors(), model.config())?;
+    // save_converted replaced the folder: keep the final training state with it.
+    trainer.save_state(&state_dir)?;
+    let reloaded = ModModel::load(
+        args.out.to_str().context("--out is not UTF-8")?,
+        DType::F32,
+        &device,
+    )?;
+
+    // 5. Prefill time and KV cache on one long input, same binary, interleaved repetitions.
+    let long: Vec<u32> = corpus
+        .sources
+        .iter()
+        .flat_map(|s| s.heldout.concat())
+        .take(args.prefill_tokens)
+        .collect();
+    let batch = Batch::single(&long, ckpt.config.max_position_embeddings, &device)?;
+    let (mut t_dense, mut t_mod) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        dense.forward(&batch)?;
+        t_dense.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        reloaded.forward_causal(&batch, Mode::Inference)?;
+        t_mod.push(t.elapsed().as_secs_f64());
+    }
+    let prefill_ratio = median(&mut t_mod) / median(&mut t_dense);
+    let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long))?;
+
+    // 6. Optional dense baseline with the same budget.
+    let mut dense_baseline = None;
+    if args.dense_baseline {
+        let cfg = ModConfig {
+            routed_layers: RoutedLayers::Rule(LayerRule::None),
+            ..mod_config.clone()
+        };
+        let tcfg = TrainConfig {
+            trainable: Trainable::All,
+            ..train_config.clone()
+        };
+        let mut t = Trainer::new(&ckpt, cfg, tcfg)?;
+        t.run(&corpus, None, 0, |_| {})?;
+        let mut ppl = BTreeMap::new();
+        for s in &corpus.sources {
+            ppl.insert(
+                s.name.clone(),
+                eval::routed_rows_eval(t.model(), &s.heldout)?
+                    .perplexity
+                    .perplexity,
+            );
+        }
+        dense_baseline = Some(ppl);
+    }
+
+    // 7. Report.
+    println!(
+        "\n{:<8} {:>10} {:>10} {:>7} {:>6} {:>9}{}",
+        "source",
+        "original",
+        "converted",
+        "ratio",
+        "skip",
+        "compute",
+        if dense_baseline.is_some() {
+            "  dense-ft"
+        } else {
+            ""
+        }
+    );
+    let mut worst: f64 = 0.0;
+    for (name, o) in &original {
+        let c = &converted[name];
+        let ratio = c.perplexity.perplexity / o;
+        worst = worst.max(ratio);
+        let base = dense_baseline
+            .as_ref()
+            .map(|b| format!("  {:>8.3}", b[name]))
+            .unwrap_or_default();
+        println!(
+            "{name:<8} {o:>10.3} {:>10.3} {ratio:>7.3} {:>6.3} {:>9.3}{base}",
+            c.perplexity.perplexity,
+            c.skip_fraction(),
+            c.compute_fraction
+        );
+    }
+    let mut kept_per_layer: BTreeMap<usize, f64> = BTreeMap::new();
+    for c in converted.values() {
+        for (j, f) in &c.kept_fraction {
+            *kept_per_layer.entry(*j).or_default() += f / converted.len() as f64;
+        }
+    }
+    let skip = 1.0 - kept_per_layer.values().sum::<f64>() / kept_per_layer.len().max(1) as f64;
+    println!("\nkept fraction per routed layer (held-out mean):");
+    println!(
+        "{}",
+        kept_per_layer
+            .iter()
+            .map(|(j, f)| format!("L{j} {f:.2}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    for (j, f) in &kept_per_layer {
+        if *f == 0.0 {
+            println!("WARNING: routed layer {j} keeps no token on held-out text (collapsed)");
+        }
+    }
+    if matches!(train_config.trainable, Trainable::All) {
+        println!(
+            "NOTE: --train all also adapts the model to the corpus; compare with --dense-baseline"
+        );
+    }
+    println!(
+        "\nskip {skip:.3}  worst perplexity ratio {worst:.3}  compute {:.3} of dense  prefill time ratio {prefill_ratio:.3} ({} tokens)  KV cache ratio {:.3}",
+        long_eval.compute_fraction, long.len(), long_eval.kv_fraction
+    );
+    println!(
+        "trained {} steps in {train_seconds:.0}s; total {:.0}s; saved to {}",
+        args.steps,
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+
+    if args.json {
+        let report = serde_json::json!({
+            "model": args.model,
+            "mod": mod_config,
+            "train": train_config,
+            "perplexity_original": original,
+            "perplexity_converted": converted.iter().map(|(k, v)| (k.clone(), v.perplexity.perplexity)).collect::<BTreeMap<_, _>>(),
+            "perplexity_dense_finetuned": dense_baseline,
+            "kept_fraction": kept_per_layer.iter().map(|(j, f)| (j.to_string(), *f)).collect::<BTreeMap<_, _>>(),
+            "skip_fraction": skip,
+            "worst_perplexity_ratio": worst,
+            "compute_fraction": long_eval.compute_fraction,
+            "prefill_time_ratio": prefill_ratio,
+            "prefill_tokens": long.len(),
+            "kv_cache_ratio": long_eval.kv_fraction,
+            "train_seconds": train_seconds,
+        });
+        let path = args.out.join("report.json");
+        let tmp = args.out.join("report.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
+        std::fs::rename(&tmp, &path)?;
+        println!("report: {}", path.display());
+    }
+    Ok(())
+}
+
+fn trainer_layers(cfg: &ModConfig, ckpt: &Checkpoint) -> Vec<usize> {
+    cfg.routed_layer_indices(ckpt.config.num_hidden_layers)
+        .unwrap_or_default()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}

@@ -1,0 +1,79 @@
+//! Bias-free linear layers whose frozen weights cost no gradient.
+//!
+//! candle 0.11's matmul backward always computes both operands' gradients, so a
+//! router-only conversion would spend a third of its backward pass on gradients of frozen
+//! base weights that are thrown away. [`linear`] uses a matmul whose backward returns the
+//! input's gradient only when the weight is not a trainable `Var`.
+
+use crate::error::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+/// `x · wᵀ` over the last dimension: `x` `(..., in)`, `w` `(out, in)` -> `(..., out)`.
+/// Input and weight are flattened to 2-D so the weight is never broadcast per batch row.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inp = *dims.last().unwrap_or(&0);
+    let n = x.elem_count() / inp.max(1);
+    let x2 = x.reshape((n, inp))?;
+    let y = if w.is_variable() || w.track_op() {
+        x2.matmul(&w.t()?)?
+    } else {
+        x2.apply_op2(&w.t()?, FrozenMatmul)?
+    };
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    Ok(y.reshape(out_dims)?)
+}
+
+/// `x (m, k) · w_t (k, n)` with a backward for `x` only.
+struct FrozenMatmul;
+
+fn mnk(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let (m, k) = l1.shape().dims2()?;
+    let (k2, n) = l2.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("frozen matmul: inner dimensions {k} and {k2} differ");
+    }
+    Ok((m, n, k))
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k) = mnk(l1, l2)?;
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (m, n, k) = mnk(l1, l2)?;
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w_t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&w_t.t()?)?), None))
+    }
+}
