@@ -499,3 +499,20 @@ fn real_model_with_open_gates_reproduces_reference_perplexity() {
     assert!((ppl - 30.8813).abs() / 30.8813 < 1e-3, "perplexity {ppl}");
     let _ = (RoutedLayers::Rule(LayerRule::Odd),);
 }
+
+#[test]
+fn gate_gradient_stays_finite_for_saturated_logits() {
+    // Gates on the raw residual stream see logits in the hundreds after a few steps.
+    let x =
+        Var::from_tensor(&Tensor::new(&[-500f32, -90.0, 0.0, 90.0, 500.0], &Device::Cpu).unwrap())
+            .unwrap();
+    let g = modification::model::ops::sigmoid(x.as_tensor()).unwrap();
+    let values: Vec<f32> = g.to_vec1().unwrap();
+    assert_eq!(values[0], 0.0);
+    assert_eq!(values[2], 0.5);
+    assert_eq!(values[4], 1.0);
+    let grads = g.sum_all().unwrap().backward().unwrap();
+    let dg: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+    assert!(dg.iter().all(|d| d.is_finite()), "{dg:?}");
+    assert_eq!(dg[2], 0.25);
+}

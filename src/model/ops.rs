@@ -33,7 +33,9 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::silu(x)?)
 }
 
-/// Logistic sigmoid `1 / (1 + exp(-x))`, composed of differentiable primitives.
+/// Logistic sigmoid `1 / (1 + exp(-x))` with the backward `g · (1 − g)` (candle-nn's op).
+/// Composing it from `exp` and `recip` instead gives a NaN gradient (`0 · inf`) once a
+/// router logit passes about −88.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+    Ok(candle_nn::ops::sigmoid(x)?)
 }
