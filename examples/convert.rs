@@ -262,13 +262,20 @@ fn main() -> Result<()> {
         .collect();
     let batch = Batch::single(&long, ckpt.config.max_position_embeddings, &device)?;
     let (mut t_dense, mut t_mod) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let t = Instant::now();
-        dense.forward(&batch)?;
-        t_dense.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        reloaded.forward_causal(&batch, Mode::Inference)?;
-        t_mod.push(t.elapsed().as_secs_f64());
+    dense.forward(&batch)?; // warm-up: first-touch allocations
+    reloaded.forward_causal(&batch, Mode::Inference)?;
+    for rep in 0..5 {
+        // Alternate which model runs first so that neither always gets the warmer caches.
+        for first in [rep % 2 == 0, rep % 2 != 0] {
+            let t = Instant::now();
+            if first {
+                dense.forward(&batch)?;
+                t_dense.push(t.elapsed().as_secs_f64());
+            } else {
+                reloaded.forward_causal(&batch, Mode::Inference)?;
+                t_mod.push(t.elapsed().as_secs_f64());
+            }
+        }
     }
     let prefill_ratio = median(&mut t_mod) / median(&mut t_dense);
     let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long))?;
