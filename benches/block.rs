@@ -18,7 +18,9 @@ const T: usize = 1024;
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     (0..n)
-        .map(|i| ((((i as u64 + 1) * (seed * 2 + 1)) as f32 * 0.618_034).fract() - 0.5) * 2.0 * scale)
+        .map(|i| {
+            ((((i as u64 + 1) * (seed * 2 + 1)) as f32 * 0.618_034).fract() - 0.5) * 2.0 * scale
+        })
         .collect()
 }
 
@@ -37,7 +39,11 @@ fn weights(cfg: &LlamaConfig) -> HashMap<String, Tensor> {
         .enumerate()
         .map(|(i, (name, shape))| {
             let n: usize = shape.iter().product();
-            let v = if name.contains("norm") { vec![1.0; n] } else { values(n, i as u64, 0.05) };
+            let v = if name.contains("norm") {
+                vec![1.0; n]
+            } else {
+                values(n, i as u64, 0.05)
+            };
             (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
         })
         .collect()
@@ -48,13 +54,26 @@ fn routed(base: &Llama, batch: &Batch, router: RouterKind, kept: f64) -> ModMode
     let w = Tensor::from_vec(values(576, 99, 1.0), (1, 576), &Device::Cpu).unwrap();
     // Bias at the (1 - kept) quantile of the token logits: exactly `kept` pass p = 0.5.
     let x = base.embed(&batch.ids).unwrap();
-    let mut logits: Vec<f32> = x.broadcast_matmul(&w.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mut logits: Vec<f32> = x
+        .broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     logits.sort_by(|a, b| b.total_cmp(a));
     let n = ((kept * T as f64).round() as usize).clamp(1, T);
-    let bias = if n == T { 1e4 } else { -(logits[n - 1] + logits[n]) / 2.0 };
+    let bias = if n == T {
+        1e4
+    } else {
+        -(logits[n - 1] + logits[n]) / 2.0
+    };
     let mut t = HashMap::new();
     t.insert("model.layers.0.router.weight".to_string(), w);
-    t.insert("model.layers.0.router.bias".to_string(), Tensor::new(&[bias], &Device::Cpu).unwrap());
+    t.insert(
+        "model.layers.0.router.bias".to_string(),
+        Tensor::new(&[bias], &Device::Cpu).unwrap(),
+    );
     let cfg = ModConfig {
         routed_layers: RoutedLayers::Rule(LayerRule::All),
         router,
@@ -62,22 +81,44 @@ fn routed(base: &Llama, batch: &Batch, router: RouterKind, kept: f64) -> ModMode
         gate_init_bias: 1e4,
         ..ModConfig::default()
     };
-    ModModel::new(base.clone(), cfg, VarBuilder::from_tensors(t, DType::F32, &Device::Cpu)).unwrap()
+    ModModel::new(
+        base.clone(),
+        cfg,
+        VarBuilder::from_tensors(t, DType::F32, &Device::Cpu),
+    )
+    .unwrap()
 }
 
 fn bench(c: &mut Criterion) {
     modification::runtime::tune_malloc_for_tensors();
     let cfg = config();
-    let base = Llama::load(&cfg, VarBuilder::from_tensors(weights(&cfg), DType::F32, &Device::Cpu)).unwrap();
+    let base = Llama::load(
+        &cfg,
+        VarBuilder::from_tensors(weights(&cfg), DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     let ids: Vec<u32> = (0..T as u32).map(|i| (i * 7 + 3) % 16).collect();
     let batch = Batch::single(&ids, 2048, &Device::Cpu).unwrap();
     let mut group = c.benchmark_group("layer_seq1024");
     group.sample_size(10);
-    group.bench_function("dense", |b| b.iter(|| black_box(base.forward(&batch).unwrap())));
+    group.bench_function("dense", |b| {
+        b.iter(|| black_box(base.forward(&batch).unwrap()))
+    });
     for kept in [1.0, 0.5, 0.25] {
-        let thr = routed(&base, &batch, RouterKind::ThresholdP { p: 0.5, per_layer: BTreeMap::new() }, kept);
+        let thr = routed(
+            &base,
+            &batch,
+            RouterKind::ThresholdP {
+                p: 0.5,
+                per_layer: BTreeMap::new(),
+            },
+            kept,
+        );
         let got = thr.forward(&batch, Mode::Inference).unwrap().stats[0].kept_fraction();
-        assert!((got - kept).abs() < 0.01, "threshold-p kept {got}, wanted {kept}");
+        assert!(
+            (got - kept).abs() < 0.01,
+            "threshold-p kept {got}, wanted {kept}"
+        );
         group.bench_with_input(BenchmarkId::new("threshold_p", kept), &kept, |b, _| {
             b.iter(|| black_box(thr.forward(&batch, Mode::Inference).unwrap()))
         });

@@ -236,15 +236,13 @@ fn main() -> Result<()> {
     bar.finish();
     let train_seconds = train_start.elapsed().as_secs_f64();
 
-    // 3. The converted model on the same held-out rows.
-    let model = trainer.model();
-    let mut converted: BTreeMap<String, RoutedEval> = BTreeMap::new();
-    for s in &corpus.sources {
-        converted.insert(s.name.clone(), eval::routed_rows_eval(model, &s.heldout)?);
-    }
-
-    // 4. Save; the saved model must load back.
-    save_converted(&args.out, &ckpt, &trainer.trained_tensors(), model.config())?;
+    // 3. Save; evaluate the saved model as a user loads it.
+    save_converted(
+        &args.out,
+        &ckpt,
+        &trainer.trained_tensors(),
+        trainer.model().config(),
+    )?;
     // save_converted replaced the folder: keep the final training state with it.
     trainer.save_state(&state_dir)?;
     let reloaded = ModModel::load(
@@ -252,8 +250,15 @@ fn main() -> Result<()> {
         DType::F32,
         &device,
     )?;
+    let mut converted: BTreeMap<String, RoutedEval> = BTreeMap::new();
+    for s in &corpus.sources {
+        converted.insert(
+            s.name.clone(),
+            eval::routed_rows_eval(&reloaded, &s.heldout)?,
+        );
+    }
 
-    // 5. Prefill time and KV cache on one long input, same binary, interleaved repetitions.
+    // 4. Prefill time and KV cache on one long input, same binary, interleaved repetitions.
     let long: Vec<u32> = corpus
         .sources
         .iter()
@@ -280,7 +285,7 @@ fn main() -> Result<()> {
     let prefill_ratio = median(&mut t_mod) / median(&mut t_dense);
     let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long))?;
 
-    // 6. Optional dense baseline with the same budget.
+    // 5. Optional dense baseline with the same budget.
     let mut dense_baseline = None;
     if args.dense_baseline {
         let cfg = ModConfig {
@@ -305,7 +310,7 @@ fn main() -> Result<()> {
         dense_baseline = Some(ppl);
     }
 
-    // 7. Report.
+    // 6. Report.
     println!(
         "\n{:<8} {:>10} {:>10} {:>7} {:>6} {:>9}{}",
         "source",

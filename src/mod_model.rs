@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Sparse: kept tokens are gathered, run through the block and added back; skipped
-    /// tokens cost nothing. The forward value of every mode.
+    /// tokens cost nothing. The forward value of every mode. Routers receive no gradient.
     Inference,
     /// For training: the block's delta is computed for every token (skipped tokens as
     /// queries over the keys their policy allows, plus themselves), the forward value stays
@@ -218,6 +218,11 @@ impl ModModel {
             GateInput::Normalized => layer.normed_input(x)?,
         };
         let logits = router.logits(&gate_in)?;
+        // Inference records no graph through trainable routers (and keeps the fused kernels).
+        let logits = match mode {
+            Mode::Inference => logits.detach(),
+            Mode::Training => logits,
+        };
         let g = router.gates(&logits)?;
         let valid_f = batch.valid.to_dtype(DType::F32)?;
         let n_valid = batch.num_tokens();

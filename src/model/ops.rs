@@ -1,8 +1,9 @@
-//! Differentiable building blocks.
+//! Differentiable building blocks with fused fast paths.
 //!
-//! candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope` record no backward pass,
-//! so a model trained through them silently gets no gradient. These versions are composed
-//! of primitive tensor ops, each of which has a backward.
+//! candle 0.11's fused `rms_norm` and `softmax_last_dim` record no backward pass, so a
+//! model trained through them silently gets no gradient. Each function here uses the fused
+//! kernel only when no operand tracks gradients (inference), and otherwise a version
+//! composed of primitive tensor ops, each of which has a backward.
 
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
@@ -12,12 +13,24 @@ use candle_core::{DType, Tensor, D};
 ///
 /// `x`: `(..., d)`; `weight`: `(d,)`. Returns the shape and dtype of `x`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::rms_norm_slow(x, weight, eps as f32)?)
+    if x.track_op() || weight.track_op() {
+        Ok(candle_nn::ops::rms_norm_slow(x, weight, eps as f32)?)
+    } else {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            weight,
+            eps as f32,
+        )?)
+    }
 }
 
 /// Softmax over the last dimension, max-subtracted for stability. Shape and dtype of `x`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    if x.track_op() {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+    }
 }
 
 /// Log-softmax over the last dimension, computed in f32. `x`: `(..., V)` -> `(..., V)` f32.
