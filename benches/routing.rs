@@ -23,16 +23,17 @@ fn bench(c: &mut Criterion) {
         let logits = scores(b, t);
         let gates = candle_nn::ops::sigmoid(&logits).unwrap();
         let lengths = vec![t; b];
+        let sinks = vec![1; b];
         group.bench_with_input(BenchmarkId::new("threshold_p", t), &t, |bench, &t| {
             bench.iter(|| {
                 let g: Vec<f32> = gates.flatten_all().unwrap().to_vec1().unwrap();
-                black_box(selection::threshold_p(&g, &lengths, t, 0.5, 1).unwrap())
+                black_box(selection::threshold_p(&g, &lengths, t, 0.5, &sinks).unwrap())
             })
         });
         group.bench_with_input(BenchmarkId::new("top_k", t), &t, |bench, &t| {
             bench.iter(|| {
                 let l: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-                black_box(selection::top_k(&l, &lengths, t, 0.5, 1).unwrap())
+                black_box(selection::top_k(&l, &lengths, t, 0.5, &sinks).unwrap())
             })
         });
     }

@@ -103,35 +103,35 @@ fn all_gates_closed_makes_every_routed_layer_the_identity() {
 #[test]
 fn threshold_p_keeps_the_routers_choices_in_ascending_order() {
     let gates = [0.1, 0.9, 0.3, 0.7, 0.5, 0.49];
-    let sel = selection::threshold_p(&gates, &[6], 6, 0.5, 0).unwrap();
+    let sel = selection::threshold_p(&gates, &[6], 6, 0.5, &[0]).unwrap();
     assert_eq!(sel.kept, vec![vec![1, 3, 4]]);
     // A sink is kept whatever its gate says.
-    let sel = selection::threshold_p(&gates, &[6], 6, 0.5, 1).unwrap();
+    let sel = selection::threshold_p(&gates, &[6], 6, 0.5, &[1]).unwrap();
     assert_eq!(sel.kept, vec![vec![0, 1, 3, 4]]);
     // Padding (positions >= length) is never kept.
-    let sel = selection::threshold_p(&[0.9; 10], &[3, 5], 5, 0.5, 0).unwrap();
+    let sel = selection::threshold_p(&[0.9; 10], &[3, 5], 5, 0.5, &[0, 0]).unwrap();
     assert_eq!(sel.kept, vec![vec![0, 1, 2], vec![0, 1, 2, 3, 4]]);
     for bad in [0.0, 1.0, -0.1, f64::NAN] {
-        assert!(selection::threshold_p(&gates, &[6], 6, bad, 0).is_err());
+        assert!(selection::threshold_p(&gates, &[6], 6, bad, &[0]).is_err());
     }
 }
 
 #[test]
 fn top_k_keeps_largest_logits_not_first_positions() {
     // k = ceil(0.5 · 4) = 2: the two largest logits, at positions 2 and 3.
-    let sel = selection::top_k(&[0.0, 0.0, 9.0, 8.0], &[4], 4, 0.5, 0).unwrap();
+    let sel = selection::top_k(&[0.0, 0.0, 9.0, 8.0], &[4], 4, 0.5, &[0]).unwrap();
     assert_eq!(sel.kept, vec![vec![2, 3]]);
     // Ties go to the lower position.
-    let sel = selection::top_k(&[1.0, 2.0, 2.0, 2.0], &[4], 4, 0.5, 0).unwrap();
+    let sel = selection::top_k(&[1.0, 2.0, 2.0, 2.0], &[4], 4, 0.5, &[0]).unwrap();
     assert_eq!(sel.kept, vec![vec![1, 2]]);
     // k counts valid tokens only; padding (huge logits) is never kept; ascending output.
-    let sel = selection::top_k(&[3.0, 1.0, 2.0, 99.0, 99.0], &[3], 5, 0.6, 0).unwrap();
+    let sel = selection::top_k(&[3.0, 1.0, 2.0, 99.0, 99.0], &[3], 5, 0.6, &[0]).unwrap();
     assert_eq!(sel.kept, vec![vec![0, 2]]);
     // A sink takes one of the k slots.
-    let sel = selection::top_k(&[-5.0, 1.0, 3.0, 2.0], &[4], 4, 0.5, 1).unwrap();
+    let sel = selection::top_k(&[-5.0, 1.0, 3.0, 2.0], &[4], 4, 0.5, &[1]).unwrap();
     assert_eq!(sel.kept, vec![vec![0, 2]]);
     for bad in [0.0, 1.01, f64::NAN] {
-        assert!(selection::top_k(&[1.0], &[1], 1, bad, 0).is_err());
+        assert!(selection::top_k(&[1.0], &[1], 1, bad, &[0]).is_err());
     }
 }
 

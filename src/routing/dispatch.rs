@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Tensor};
 pub struct Dispatch {
     /// `b * T + position` of every slot, `(B * K,)` u32 (padding slots point at `b * T`).
     flat_index: Tensor,
-    /// Original position of every slot, `(B, K)` u32.
-    pub positions: Tensor,
+    /// Index within its row of every slot's token, `(B, K)` u32 (gather the batch's
+    /// position ids with [`gather_tokens`](Self::gather_tokens) for RoPE and masks).
+    pub indices: Tensor,
     /// 1 for a kept token, 0 for a padding slot, `(B, K)` u8.
     pub valid: Tensor,
     /// `valid` as a `(B, K, 1)` float mask in the model dtype.
@@ -45,7 +46,7 @@ impl Dispatch {
         let valid = Tensor::from_vec(valid, (b, k), device)?;
         Ok(Some(Self {
             flat_index: Tensor::from_vec(flat, b * k, device)?,
-            positions: Tensor::from_vec(pos, (b, k), device)?,
+            indices: Tensor::from_vec(pos, (b, k), device)?,
             valid_f: valid.to_dtype(dtype)?.unsqueeze(2)?,
             valid,
             batch: b,

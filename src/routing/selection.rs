@@ -35,6 +35,17 @@ impl Selection {
     }
 }
 
+fn check_sinks(sinks: &[usize], lengths: &[usize]) -> Result<()> {
+    if sinks.len() != lengths.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} sink counts for {} rows",
+            sinks.len(),
+            lengths.len()
+        )));
+    }
+    Ok(())
+}
+
 fn check_shapes(scores: &[f32], lengths: &[usize], seq_len: usize) -> Result<()> {
     if scores.len() != lengths.len() * seq_len {
         return Err(Error::InvalidArgument(format!(
@@ -51,8 +62,9 @@ fn check_shapes(scores: &[f32], lengths: &[usize], seq_len: usize) -> Result<()>
     Ok(())
 }
 
-/// Threshold-p (MoDification): token i of a row is kept iff `gates[i] >= p`, or it is one
-/// of the first `sinks` tokens. Per token and causal: a decision depends on that token's
+/// Threshold-p (MoDification): token i of row b is kept iff `gates[i] >= p`, or it is one
+/// of the row's first `sinks[b]` tokens (attention sinks; a decode step's rows start
+/// past the sinks and pass 0). Per token and causal: a decision depends on that token's
 /// gate only, so decoding decides exactly as a full forward does.
 ///
 /// `gates`: row-major `(B, T)` gate values; `lengths`: real tokens per row (the rest is
@@ -64,7 +76,7 @@ pub fn threshold_p(
     lengths: &[usize],
     seq_len: usize,
     p: f64,
-    sinks: usize,
+    sinks: &[usize],
 ) -> Result<Selection> {
     if !(p > 0.0 && p < 1.0) {
         return Err(Error::InvalidArgument(format!(
@@ -72,6 +84,7 @@ pub fn threshold_p(
         )));
     }
     check_shapes(gates, lengths, seq_len)?;
+    check_sinks(sinks, lengths)?;
     let p = p as f32;
     let kept = lengths
         .iter()
@@ -80,7 +93,7 @@ pub fn threshold_p(
             let row = &gates[b * seq_len..b * seq_len + len];
             row.iter()
                 .enumerate()
-                .filter(|&(i, &g)| i < sinks || g >= p)
+                .filter(|&(i, &g)| i < sinks[b] || g >= p)
                 .map(|(i, _)| i as u32)
                 .collect()
         })
@@ -88,8 +101,8 @@ pub fn threshold_p(
     Ok(Selection { kept, seq_len })
 }
 
-/// Top-k (MoD, Raposo et al. 2024): per row, `k = ceil(capacity · len)` tokens kept: the first
-/// `sinks` tokens, then the largest router logits (ties to the lower position). Not causal.
+/// Top-k (MoD, Raposo et al. 2024): per row, `k = ceil(capacity · len)` tokens kept: the row's
+/// first `sinks[b]` tokens, then the largest router logits (ties to the lower position). Not causal.
 ///
 /// `logits`: row-major `(B, T)`; `lengths`: real tokens per row; padding is never kept and
 /// never counted in k.
@@ -100,7 +113,7 @@ pub fn top_k(
     lengths: &[usize],
     seq_len: usize,
     capacity: f64,
-    sinks: usize,
+    sinks: &[usize],
 ) -> Result<Selection> {
     if !(capacity > 0.0 && capacity <= 1.0) {
         return Err(Error::InvalidArgument(format!(
@@ -108,13 +121,14 @@ pub fn top_k(
         )));
     }
     check_shapes(logits, lengths, seq_len)?;
+    check_sinks(sinks, lengths)?;
     let kept = lengths
         .iter()
         .enumerate()
         .map(|(b, &len)| {
             let k = ((capacity * len as f64).ceil() as usize).min(len);
             let row = &logits[b * seq_len..b * seq_len + len];
-            let n_sinks = sinks.min(len);
+            let n_sinks = sinks[b].min(len);
             let mut rest: Vec<u32> = (n_sinks as u32..len as u32).collect();
             let want = k.saturating_sub(n_sinks).min(rest.len());
             // Larger logit first, then lower position; NaN logits sort last.

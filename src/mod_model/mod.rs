@@ -7,6 +7,8 @@ use crate::mod_config::{GateInput, GateScaling, KvPolicy, ModConfig, RouterKind}
 use crate::model::flops::{layer_flops, lm_head_flops, router_flops};
 use crate::model::{attention_mask, Batch, Block, Llama, RopeAt};
 use crate::routing::{selection, Dispatch, Router, RoutingStats, Selection};
+
+mod cached;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
@@ -82,6 +84,21 @@ impl ModModel {
             routers,
             config,
         })
+    }
+
+    /// The dense model as a `ModModel` without routed layers (for the cached generation
+    /// path of an original checkpoint).
+    ///
+    /// Errors: none in practice; [`crate::Error::Config`] if the base config is invalid.
+    pub fn dense(base: Llama) -> Result<Self> {
+        let config = ModConfig {
+            routed_layers: crate::mod_config::RoutedLayers::Rule(
+                crate::mod_config::LayerRule::None,
+            ),
+            ..ModConfig::default()
+        };
+        let vb = VarBuilder::from_tensors(Default::default(), DType::F32, base.device());
+        Self::new(base, config, vb)
     }
 
     /// The dense base model.
@@ -170,7 +187,13 @@ impl ModModel {
         causal: bool,
     ) -> Result<Selection> {
         let t = batch.seq_len();
-        let sinks = self.config.sink_tokens;
+        // Sinks are the first positions of a sequence, wherever the batch starts.
+        let starts: Vec<u32> = batch.positions.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+        let sinks: Vec<usize> = starts
+            .iter()
+            .map(|&s| self.config.sink_tokens.saturating_sub(s as usize))
+            .collect();
+        let sinks = &sinks;
         match (&self.config.router, causal) {
             (RouterKind::ThresholdP { .. }, _) => {
                 let p = self.config.threshold_for(j).unwrap_or(0.5);
@@ -199,6 +222,50 @@ impl ModModel {
         }
     }
 
+    /// Router decision of layer `j` on `x` `(B, T, d)`: logits, kept tokens, and the
+    /// per-token output weight `w` (forward value f, or f·g for Multiply; gradient through g).
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        j: usize,
+        layer: &Block,
+        router: &Router,
+        x: &Tensor,
+        batch: &Batch,
+        mode: Mode,
+        causal: bool,
+    ) -> Result<Routing> {
+        let (b, t) = (batch.batch_size(), batch.seq_len());
+        let gate_in = match self.config.gate_input {
+            GateInput::Residual => x.clone(),
+            GateInput::Normalized => layer.normed_input(x)?,
+        };
+        let logits = router.logits(&gate_in)?;
+        // Inference records no graph through trainable routers (and keeps the fused kernels).
+        let logits = match mode {
+            Mode::Inference => logits.detach(),
+            Mode::Training => logits,
+        };
+        let g = router.gates(&logits)?;
+        let valid_f = batch.valid.to_dtype(DType::F32)?;
+        let mean_gate = ((&g * &valid_f)?.sum_all()? / batch.num_tokens().max(1) as f64)?;
+        let sel = self.select(j, &logits, &g, batch, causal)?;
+        let f = Tensor::from_vec(sel.mask(), (b, t), x.device())?;
+        // Forward value: the hard decision f (times g for Multiply); gradient through g.
+        let ste = (&g - g.detach())?;
+        let w = match self.config.gate_scaling {
+            GateScaling::StraightThrough => (&f + &ste)?,
+            GateScaling::Multiply => ((&f * &g)? + ((1.0 - &f)? * &ste)?)?,
+        };
+        Ok(Routing {
+            logits,
+            sel,
+            f,
+            w,
+            mean_gate,
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn routed_layer(
         &self,
@@ -213,29 +280,14 @@ impl ModModel {
         let batch = ctx.batch;
         let (b, t) = (batch.batch_size(), batch.seq_len());
         let dtype = x.dtype();
-        let gate_in = match self.config.gate_input {
-            GateInput::Residual => x.clone(),
-            GateInput::Normalized => layer.normed_input(x)?,
-        };
-        let logits = router.logits(&gate_in)?;
-        // Inference records no graph through trainable routers (and keeps the fused kernels).
-        let logits = match mode {
-            Mode::Inference => logits.detach(),
-            Mode::Training => logits,
-        };
-        let g = router.gates(&logits)?;
-        let valid_f = batch.valid.to_dtype(DType::F32)?;
+        let Routing {
+            logits,
+            sel,
+            f,
+            w,
+            mean_gate,
+        } = self.route(j, layer, router, x, batch, mode, causal)?;
         let n_valid = batch.num_tokens();
-        let mean_gate = ((&g * &valid_f)?.sum_all()? / n_valid.max(1) as f64)?;
-
-        let sel = self.select(j, &logits, &g, batch, causal)?;
-        let f = Tensor::from_vec(sel.mask(), (b, t), x.device())?;
-        // Forward value: the hard decision f (times g for Multiply); gradient through g.
-        let ste = (&g - g.detach())?;
-        let w = match self.config.gate_scaling {
-            GateScaling::StraightThrough => (&f + &ste)?,
-            GateScaling::Multiply => ((&f * &g)? + ((1.0 - &f)? * &ste)?)?,
-        };
 
         let kept = sel.num_kept();
         let router_cost = router_flops(ctx.cfg, b * t);
@@ -257,15 +309,11 @@ impl ModModel {
                 Some(dispatch) => {
                     let k = dispatch.width();
                     let xk = dispatch.gather(x)?;
-                    let rope_k: RopeAt = self.base.rope.at(&dispatch.positions, dtype)?;
+                    let pos_k = dispatch.gather_tokens(&batch.positions)?;
+                    let rope_k: RopeAt = self.base.rope.at(&pos_k, dtype)?;
                     let (delta, flops) = match self.config.kv_policy {
                         KvPolicy::Skip => {
-                            let mask = attention_mask(
-                                &dispatch.positions,
-                                &dispatch.positions,
-                                &dispatch.valid,
-                                dtype,
-                            )?;
+                            let mask = attention_mask(&pos_k, &pos_k, &dispatch.valid, dtype)?;
                             (
                                 layer.delta(&xk, &rope_k, &mask)?,
                                 layer_flops(ctx.cfg, b * k, b * k, b * k * k),
@@ -274,12 +322,8 @@ impl ModModel {
                         KvPolicy::Keep => {
                             let normed = layer.normed_input(x)?;
                             let (kk, vv) = layer.attn.key_values(&normed, ctx.rope)?;
-                            let mask = attention_mask(
-                                &dispatch.positions,
-                                &batch.positions,
-                                &batch.valid,
-                                dtype,
-                            )?;
+                            let mask =
+                                attention_mask(&pos_k, &batch.positions, &batch.valid, dtype)?;
                             let normed_k = dispatch.gather(&normed)?;
                             let delta =
                                 layer.delta_with_kv(&xk, &normed_k, &rope_k, &kk, &vv, &mask)?;
@@ -303,6 +347,20 @@ impl ModModel {
         };
         Ok((next, stats))
     }
+}
+
+/// A routed layer's decision on a batch.
+struct Routing {
+    /// Router logits `(B, T)` f32.
+    logits: Tensor,
+    /// Kept tokens.
+    sel: Selection,
+    /// Kept mask `(B, T)` f32.
+    f: Tensor,
+    /// Output weight of every token `(B, T)` f32.
+    w: Tensor,
+    /// Mean gate over valid tokens (scalar, differentiable in training).
+    mean_gate: Tensor,
 }
 
 /// Per-pass inputs shared by every routed layer.
