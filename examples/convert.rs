@@ -92,6 +92,21 @@ struct Args {
     /// Router learning rate.
     #[arg(long, default_value_t = 1e-3)]
     router_lr: f64,
+    /// Base-model learning rate (with --train all).
+    #[arg(long, default_value_t = 3e-5)]
+    base_lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Final learning rate as a fraction of the peak (cosine decay; 1 = constant).
+    #[arg(long, default_value_t = 1.0)]
+    min_lr_ratio: f64,
+    /// Micro-batches accumulated per step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Weights dtype: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Initial gate bias (gate weights start at zero).
     #[arg(long, default_value_t = 2.0)]
     gate_bias: f64,
@@ -123,7 +138,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     let device = Device::Cpu;
-    let ckpt = Checkpoint::load(&args.model, DType::F32, &device).context("loading the model")?;
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("unknown --dtype {other} (f32 or bf16)"),
+    };
+    let ckpt = Checkpoint::load(&args.model, dtype, &device).context("loading the model")?;
     let eos = ckpt.config.eos_token_id.unwrap_or(0);
     let specs = SourceSpec::folders_of(&args.data)?;
     let opts = CorpusOptions {
@@ -173,6 +193,10 @@ fn main() -> Result<()> {
         steps: args.steps,
         batch_size: args.batch_size,
         router_lr: args.router_lr,
+        base_lr: args.base_lr,
+        warmup_steps: args.warmup,
+        min_lr_ratio: args.min_lr_ratio,
+        grad_accum: args.grad_accum,
         seed: args.seed,
         trainable: match args.train {
             TrainArg::Routers => Trainable::Routers,
@@ -247,7 +271,7 @@ fn main() -> Result<()> {
     trainer.save_state(&state_dir)?;
     let reloaded = ModModel::load(
         args.out.to_str().context("--out is not UTF-8")?,
-        DType::F32,
+        dtype,
         &device,
     )?;
     let mut converted: BTreeMap<String, RoutedEval> = BTreeMap::new();
