@@ -49,6 +49,15 @@ pub struct LlamaConfig {
     /// HF model type; must be `llama`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
+    /// RoPE scaling (LLaMA-3.1 style). Not implemented: must be absent or null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Biases on the attention projections. Not implemented: must be false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_bias: bool,
+    /// Explicit head width; must equal `hidden_size / num_attention_heads` when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -150,6 +159,22 @@ impl LlamaConfig {
                 self.num_attention_heads,
                 self.num_kv_heads()
             )));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(Error::config(
+                "rope_scaling is not supported (LLaMA-3.1-style RoPE)",
+            ));
+        }
+        if self.attention_bias {
+            return Err(Error::config("attention_bias = true is not supported"));
+        }
+        if let Some(h) = self.head_dim {
+            if h != self.head_dim() {
+                return Err(Error::config(format!(
+                    "head_dim {h} differs from hidden_size / num_attention_heads = {}",
+                    self.head_dim()
+                )));
+            }
         }
         if self.head_dim() % 2 != 0 {
             return Err(Error::config(format!(

@@ -48,8 +48,10 @@ pub struct RoutedEval {
     pub kept_fraction: Vec<(usize, f64)>,
     /// FLOPs spent as a fraction of the dense model's on the same rows.
     pub compute_fraction: f64,
-    /// KV-cache entries (token × layer pairs that write K/V) as a fraction of the dense
-    /// model's: skipped tokens write none at a routed layer under the `Skip` policy.
+    /// KV-cache entries as a fraction of the dense model's, counted from this forward's
+    /// routing decisions: (token, layer) pairs that write K/V (a token skipped at a routed
+    /// layer under `Skip` writes none). `KvCache::bytes` measures the same on the cached
+    /// path; the two agree for threshold-p models.
     pub kv_fraction: f64,
 }
 

@@ -5,9 +5,20 @@
 //! lets a token through a layer only when its gate reaches p, and the layer load-reducing
 //! objective `α · Σ_j F_j · G_j` added to the LM loss.
 //!
-//! This release holds the foundation: loading real checkpoints (HF safetensors folders,
-//! GGUF files, hub ids), the dense LLaMA decoder with explicit positions and padding, the
-//! export to HF folders, and perplexity evaluation.
+//! What is here:
+//!
+//! - [`checkpoint`]: real checkpoints in (HF safetensors folders, GGUF files with their
+//!   tokenizer, hub ids) and out (atomic HF export, converted MoD models);
+//! - [`model`]: the dense LLaMA decoder over explicit positions and padding, and its
+//!   routed KV cache;
+//! - [`routing`] and [`mod_model`]: router gates, the threshold-p and top-k operators,
+//!   sparse gather/compute/scatter, the training-mode gate estimator;
+//! - [`loss`], [`train`]: the LM loss plus the load-reducing objective, AdamW, the data
+//!   mixture, checkpoints and resume;
+//! - [`generate`], [`eval`]: prefill/decode generation, perplexity, compute and KV-cache
+//!   accounting.
+//!
+//! Evaluate a checkpoint:
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};

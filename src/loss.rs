@@ -49,6 +49,7 @@ pub fn load_reducing_loss(stats: &[crate::routing::RoutingStats], alpha: f64) ->
     }
     match total {
         Some(t) => Ok((t * alpha)?),
+        // No routed layer: nothing to reduce (a CPU zero; callers skip adding it).
         None => Ok(Tensor::zeros((), DType::F32, &candle_core::Device::Cpu)?),
     }
 }

@@ -42,7 +42,7 @@ pub enum RouterKind {
     },
     /// The MoD baseline (Raposo et al. 2024): per row, the `k = ceil(C · valid tokens)` tokens
     /// with the largest router logits pass. Not causal: decoding uses the auxiliary predictor
-    /// `sigmoid(logit) > 0.5` (MoD §3.5).
+    /// `sigmoid(logit) >= 0.5` (MoD §3.5).
     TopK {
         /// Capacity C in (0, 1].
         capacity: f64,

@@ -37,6 +37,9 @@ fn tiny_config() -> LlamaConfig {
         eos_token_id: Some(2),
         architectures: vec!["LlamaForCausalLM".to_string()],
         model_type: "llama".to_string(),
+        rope_scaling: None,
+        attention_bias: false,
+        head_dim: None,
     }
 }
 
@@ -829,4 +832,24 @@ fn missing_two_part_local_path_is_io_not_found_not_a_hub_id() {
         matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
         "got {err:?}"
     );
+}
+
+// 12. Architecture features this crate does not implement are refused, not ignored.
+
+#[test]
+fn config_with_rope_scaling_or_attention_bias_is_refused() {
+    let base = r#""hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "vocab_size": 16"#;
+    for extra in [
+        r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+        r#""attention_bias": true"#,
+        r#""head_dim": 8"#,
+    ] {
+        let err = LlamaConfig::from_json_str(&format!("{{{base}, {extra}}}")).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{extra}: {err:?}");
+    }
+    let ok = LlamaConfig::from_json_str(&format!(
+        "{{{base}, \"rope_scaling\": null, \"head_dim\": 4}}"
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
 }

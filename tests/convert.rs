@@ -58,9 +58,24 @@ fn corpus_has_five_sources_with_disjoint_heldout_rows() {
         // Documents are separated by EOS (id 2 for SmolLM2).
         assert!(s.train.contains(&2), "{} has no EOS", s.name);
     }
-    // Training batches are a pure function of (seed, step, micro).
-    assert_eq!(c.train_batch(5, 3, 0, 4), c.train_batch(5, 3, 0, 4));
+    // Training batches are a pure function of (seed, step, micro): a corpus loaded afresh
+    // gives the same rows; another step gives others.
+    let specs = SourceSpec::folders_of(&common::root().join("assets/corpus")).unwrap();
+    let opts = CorpusOptions {
+        seq_len: 48,
+        heldout_rows: 2,
+        max_chars_per_source: 20_000,
+        seed: 1,
+    };
+    let again = Corpus::load(&specs, &common::smollm2().tokenizer, 2, &opts).unwrap();
+    assert_eq!(c.train_batch(5, 3, 0, 4), again.train_batch(5, 3, 0, 4));
     assert_ne!(c.train_batch(5, 3, 0, 4), c.train_batch(5, 4, 0, 4));
+    for row in c.train_batch(5, 3, 0, 4) {
+        assert!(
+            c.sources.iter().all(|s| !s.heldout.contains(&row)),
+            "a training row is held out"
+        );
+    }
 }
 
 #[test]

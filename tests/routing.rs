@@ -392,15 +392,31 @@ fn training_mode_gives_skipped_tokens_gates_an_lm_gradient() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(gw > 1e-6);
-    // Without the training estimator, skipped tokens give their gates nothing.
+    // Inference mode gives the routers no gradient at all, even with every gate open.
+    let open = Var::from_tensor(&Tensor::new(&[3f32], &Device::Cpu).unwrap()).unwrap();
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .insert("model.layers.1.router.bias".into(), open.clone());
+    let m = ModModel::new(
+        tiny::llama(2),
+        ModConfig {
+            gate_scaling: GateScaling::Multiply,
+            ..odd_config()
+        },
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     let inf = m.forward(&batch, Mode::Inference).unwrap();
+    assert_eq!(inf.stats[0].kept, 16);
     let lm = loss::lm_loss(&inf.logits, &batch.ids, &batch.valid).unwrap();
-    let grads = lm.backward().unwrap();
-    let gb = grads
-        .get(bias.as_tensor())
-        .map(|g| g.to_vec1::<f32>().unwrap()[0])
-        .unwrap_or(0.0);
-    assert_eq!(gb, 0.0);
+    assert!(lm.backward().unwrap().get(open.as_tensor()).is_none());
+    // ...while training mode, on the same open gates, gives it one.
+    let train = m.forward(&batch, Mode::Training).unwrap();
+    let lm = loss::lm_loss(&train.logits, &batch.ids, &batch.valid).unwrap();
+    assert!(lm.backward().unwrap().get(open.as_tensor()).is_some());
+    let _ = bias;
 }
 
 #[test]

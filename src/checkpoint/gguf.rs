@@ -214,7 +214,16 @@ pub fn config_from_metadata(content: &Content, path: &Path) -> Result<LlamaConfi
         eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
         architectures: vec!["LlamaForCausalLM".to_string()],
         model_type: "llama".to_string(),
+        rope_scaling: None,
+        attention_bias: false,
+        head_dim: None,
     };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(Error::Config {
+            path: Some(path.to_path_buf()),
+            reason: "rope_freqs.weight (LLaMA-3.1-style RoPE scaling) is not supported".to_string(),
+        });
+    }
     config.validate().map_err(|e| match e {
         Error::Config { path: None, reason } => Error::Config {
             path: Some(path.to_path_buf()),

@@ -40,7 +40,13 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Checkpoint>
                 reason: e.to_string(),
             })?;
         for (name, t) in loaded {
-            tensors.insert(name, to_model_dtype(t, dtype, device)?);
+            // Router gates stay f32: a gate near p must decide as it did when saved.
+            let want = if name.contains(".router.") {
+                candle_core::DType::F32
+            } else {
+                dtype
+            };
+            tensors.insert(name, to_model_dtype(t, want, device)?);
         }
     }
     if config.tie_word_embeddings {

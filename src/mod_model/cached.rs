@@ -27,16 +27,19 @@ impl ModModel {
     ///
     /// Returns logits `(B, T, vocab)` of the new tokens and the routing statistics.
     ///
-    /// Errors: [`crate::Error::SequenceTooLong`] beyond the context; a batch size other than
-    /// the cache's is [`crate::Error::InvalidArgument`].
+    /// Errors: [`crate::Error::SequenceTooLong`] beyond the context;
+    /// [`crate::Error::InvalidArgument`] for a cache of another batch size or layer count,
+    /// or a token id outside the vocabulary.
     pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache) -> Result<ModOutput> {
         let base = &self.base;
         base.check_batch(batch)?;
-        if cache.batch_size() != batch.batch_size() {
+        if cache.batch_size() != batch.batch_size() || cache.num_layers() != base.layers.len() {
             return Err(crate::Error::InvalidArgument(format!(
-                "a batch of {} rows against a cache of {} rows",
+                "a batch of {} rows through {} layers against a cache of {} rows and {} layers",
                 batch.batch_size(),
-                cache.batch_size()
+                base.layers.len(),
+                cache.batch_size(),
+                cache.num_layers()
             )));
         }
         let cfg = base.config();

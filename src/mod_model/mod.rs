@@ -387,5 +387,8 @@ fn skip_training_mask(kept: &Tensor, batch: &Batch, dtype: DType) -> Result<Tens
     let key_ok = itself.broadcast_maximum(&kept.unsqueeze(1)?)?;
     let valid_k = batch.valid.to_dtype(DType::F32)?.unsqueeze(1)?;
     let allowed = causal.mul(&key_ok)?.broadcast_mul(&valid_k)?;
-    Ok(((allowed - 1.0)? * 1e9)?.unsqueeze(1)?.to_dtype(dtype)?)
+    let masked = crate::model::attention::masked_value(dtype);
+    Ok(((allowed - 1.0)? * -masked)?
+        .unsqueeze(1)?
+        .to_dtype(dtype)?)
 }

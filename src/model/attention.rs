@@ -7,9 +7,15 @@ use crate::error::Result;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-/// Additive mask value for a forbidden (query, key) pair. Finite, so that a query with no
-/// visible key (a padding row) yields a uniform, not a NaN, distribution.
-const MASKED: f64 = -1e9;
+/// Additive mask value for a forbidden (query, key) pair in `dtype`. Finite in every dtype
+/// (f16 would turn -1e9 into -inf), so that a query with no visible key (a padding slot)
+/// yields a uniform, not a NaN, distribution.
+pub fn masked_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -1e4,
+        _ => -1e9,
+    }
+}
 
 /// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.
 #[derive(Debug, Clone)]
@@ -103,6 +109,6 @@ pub fn attention_mask(
 ) -> Result<Tensor> {
     let causal = pos_k.unsqueeze(1)?.broadcast_le(&pos_q.unsqueeze(2)?)?;
     let allowed = causal.broadcast_mul(&valid_k.unsqueeze(1)?)?;
-    let mask = ((allowed.to_dtype(DType::F32)? - 1.0)? * -MASKED)?;
+    let mask = ((allowed.to_dtype(DType::F32)? - 1.0)? * -masked_value(dtype))?;
     Ok(mask.unsqueeze(1)?.to_dtype(dtype)?)
 }

@@ -42,14 +42,22 @@ impl KvCache {
         }
     }
 
+    /// Layers the cache was made for.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Rows of the batch.
     pub fn batch_size(&self) -> usize {
         self.layers.first().map_or(0, Vec::len)
     }
 
-    /// Entries of `row` at `layer`.
+    /// Entries of `row` at `layer` (0 for a layer or row the cache does not have).
     pub fn len(&self, layer: usize, row: usize) -> usize {
-        self.layers[layer][row].positions.len()
+        self.layers
+            .get(layer)
+            .and_then(|l| l.get(row))
+            .map_or(0, |r| r.positions.len())
     }
 
     /// Whether the cache holds no entry at all.

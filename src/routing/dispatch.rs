@@ -27,8 +27,15 @@ impl Dispatch {
     /// Builds the index tensors on `device` (one host-to-device copy); `dtype` is the
     /// model's activation dtype. `None` when no row keeps a token (the layer is the
     /// identity and computes nothing).
+    ///
+    /// Errors: [`crate::Error::InvalidArgument`] for a kept position outside the rows.
     pub fn new(sel: &Selection, device: &Device, dtype: DType) -> Result<Option<Self>> {
         let (b, k, t) = (sel.kept.len(), sel.max_kept(), sel.seq_len);
+        if let Some(&bad) = sel.kept.iter().flatten().find(|&&p| p as usize >= t) {
+            return Err(crate::Error::InvalidArgument(format!(
+                "kept position {bad} is outside rows of {t} tokens"
+            )));
+        }
         if k == 0 {
             return Ok(None);
         }

@@ -23,11 +23,11 @@ impl Selection {
         self.kept.iter().map(Vec::len).max().unwrap_or(0)
     }
 
-    /// Per-token 0/1 membership, row-major `(B, T)`.
+    /// Per-token 0/1 membership, row-major `(B, T)` (positions past T are ignored).
     pub fn mask(&self) -> Vec<f32> {
         let mut m = vec![0f32; self.kept.len() * self.seq_len];
         for (b, row) in self.kept.iter().enumerate() {
-            for &i in row {
+            for &i in row.iter().filter(|&&i| (i as usize) < self.seq_len) {
                 m[b * self.seq_len + i as usize] = 1.0;
             }
         }

@@ -7,7 +7,22 @@ pub fn lr_multiplier(step: usize, total: usize, warmup: usize, min_ratio: f64) -
     if step < warmup {
         return (step + 1) as f64 / (warmup + 1) as f64;
     }
-    let decay_steps = total.saturating_sub(warmup).max(1);
+    let decay_steps = total.saturating_sub(warmup + 1).max(1);
     let progress = ((step - warmup) as f64 / decay_steps as f64).min(1.0);
     min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lr_multiplier;
+
+    #[test]
+    fn warmup_then_cosine_reaches_the_floor_at_the_last_step() {
+        assert!((lr_multiplier(0, 10, 2, 0.1) - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(lr_multiplier(2, 10, 2, 0.1), 1.0);
+        assert!((lr_multiplier(9, 10, 2, 0.1) - 0.1).abs() < 1e-12);
+        // Half-way through the decay: the cosine's midpoint.
+        assert!((lr_multiplier(5, 10, 1, 0.0) - 0.5).abs() < 1e-12);
+        assert!((0..50).all(|s| lr_multiplier(s, 50, 0, 1.0) == 1.0));
+    }
 }

@@ -253,8 +253,8 @@ impl Trainer {
 
     /// One optimisation step on the micro-batches of step `self.step()` of `corpus`.
     ///
-    /// Errors: [`Error::NonFiniteLoss`] naming the step when the loss is NaN or infinite
-    /// (nothing is updated); tensor errors.
+    /// Errors: [`Error::NonFiniteLoss`] naming the step when the loss or the gradient norm
+    /// is NaN or infinite (nothing is updated); tensor errors.
     pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepReport> {
         let start = Instant::now();
         let cfg = &self.config;
@@ -323,6 +323,12 @@ impl Trainer {
                 .to_scalar::<f64>()?;
         }
         let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: self.step + 1,
+                loss: grad_norm,
+            });
+        }
         if let Some(clip) = cfg.grad_clip {
             if grad_norm > clip {
                 for g in grads.values_mut() {
