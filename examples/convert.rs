@@ -278,8 +278,18 @@ fn main() -> Result<()> {
     for s in &corpus.sources {
         converted.insert(
             s.name.clone(),
-            eval::routed_rows_eval(&reloaded, &s.heldout)?,
+            eval::routed_rows_eval(&reloaded, &s.heldout, false)?,
         );
+    }
+    // Top-k is not causal: generation decides with the auxiliary predictor instead.
+    let mut causal: BTreeMap<String, RoutedEval> = BTreeMap::new();
+    if matches!(mod_config.router, RouterKind::TopK { .. }) {
+        for s in &corpus.sources {
+            causal.insert(
+                s.name.clone(),
+                eval::routed_rows_eval(&reloaded, &s.heldout, true)?,
+            );
+        }
     }
 
     // 4. Prefill time and KV cache on one long input, same binary, interleaved repetitions.
@@ -307,7 +317,7 @@ fn main() -> Result<()> {
         }
     }
     let prefill_ratio = median(&mut t_mod) / median(&mut t_dense);
-    let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long))?;
+    let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long), true)?;
 
     // 5. Optional dense baseline with the same budget.
     let mut dense_baseline = None;
@@ -326,7 +336,7 @@ fn main() -> Result<()> {
         for s in &corpus.sources {
             ppl.insert(
                 s.name.clone(),
-                eval::routed_rows_eval(t.model(), &s.heldout)?
+                eval::routed_rows_eval(t.model(), &s.heldout, false)?
                     .perplexity
                     .perplexity,
             );
@@ -386,6 +396,18 @@ fn main() -> Result<()> {
             println!("WARNING: routed layer {j} keeps no token on held-out text (collapsed)");
         }
     }
+    if !causal.is_empty() {
+        println!("\ntop-k decoding with its auxiliary predictor (causal, as generation runs):");
+        for (name, o) in &original {
+            let c = &causal[name];
+            println!(
+                "{name:<8} {:>10.3} ratio {:>6.3} skip {:>6.3}",
+                c.perplexity.perplexity,
+                c.perplexity.perplexity / o,
+                c.skip_fraction()
+            );
+        }
+    }
     if matches!(train_config.trainable, Trainable::All) {
         println!(
             "NOTE: --train all also adapts the model to the corpus; compare with --dense-baseline"
@@ -410,6 +432,8 @@ fn main() -> Result<()> {
             "perplexity_original": original,
             "perplexity_converted": converted.iter().map(|(k, v)| (k.clone(), v.perplexity.perplexity)).collect::<BTreeMap<_, _>>(),
             "perplexity_dense_finetuned": dense_baseline,
+            "perplexity_converted_causal": causal.iter().map(|(k, v)| (k.clone(), v.perplexity.perplexity)).collect::<BTreeMap<_, _>>(),
+            "skip_fraction_causal": causal.values().map(|v| v.skip_fraction()).sum::<f64>() / causal.len().max(1) as f64,
             "kept_fraction": kept_per_layer.iter().map(|(j, f)| (j.to_string(), *f)).collect::<BTreeMap<_, _>>(),
             "skip_fraction": skip,
             "worst_perplexity_ratio": worst,

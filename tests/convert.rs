@@ -83,7 +83,8 @@ fn fresh_conversion_reproduces_the_original_perplexity_exactly() {
     let ckpt = common::smollm2();
     let trainer = Trainer::new(ckpt, ModConfig::default(), small_run(1)).unwrap();
     let ids = common::moby_reference_ids();
-    let routed = eval::routed_rows_eval(trainer.model(), std::slice::from_ref(&ids)).unwrap();
+    let routed =
+        eval::routed_rows_eval(trainer.model(), std::slice::from_ref(&ids), false).unwrap();
     let dense =
         eval::dense_rows_perplexity(&Llama::from_checkpoint(ckpt).unwrap(), &[ids]).unwrap();
     assert_eq!(routed.perplexity.nll, dense.nll);
