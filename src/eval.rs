@@ -78,12 +78,15 @@ pub fn dense_rows_perplexity(model: &Llama, rows: &[Vec<u32>]) -> Result<Perplex
     perplexity_of(&logits, &batch)
 }
 
-/// Held-out evaluation of a routed model over `rows` (sparse inference forward).
+/// Held-out evaluation of a routed model over `rows` (sparse inference forward). With
+/// `causal`, every routed layer decides per token as generation does (the same for
+/// threshold-p; top-k then uses its auxiliary predictor instead of whole-row top-k).
 ///
 /// Errors: as [`dense_rows_perplexity`].
 pub fn routed_rows_eval(
     model: &crate::mod_model::ModModel,
     rows: &[Vec<u32>],
+    causal: bool,
 ) -> Result<RoutedEval> {
     let base = model.base();
     let batch = Batch::from_rows(
@@ -92,7 +95,12 @@ pub fn routed_rows_eval(
         base.config().max_position_embeddings,
         base.device(),
     )?;
-    let out = model.forward(&batch, crate::mod_model::Mode::Inference)?;
+    let mode = crate::mod_model::Mode::Inference;
+    let out = if causal {
+        model.forward_causal(&batch, mode)?
+    } else {
+        model.forward(&batch, mode)?
+    };
     let layers = base.config().num_hidden_layers;
     let kv_entries = match model.config().kv_policy {
         crate::mod_config::KvPolicy::Keep => (layers * batch.num_tokens()) as f64,
