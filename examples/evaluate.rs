@@ -6,6 +6,8 @@
 //! ```
 //! Each file is tokenized without BOS; its first `--max-tokens` tokens are scored (mean
 //! NLL over the N - 1 predicted tokens). `--model` is a GGUF file, an HF folder or a hub id.
+//! A converted (Mixture-of-Depths) folder is evaluated with its routers, deciding per
+//! token as generation does, and also reports its skip and compute fractions.
 
 use anyhow::Result;
 use candle_core::{DType, Device};
@@ -45,6 +47,11 @@ fn main() -> Result<()> {
     };
     let ckpt = Checkpoint::load(&args.model, dtype, &Device::Cpu)?;
     let model = Llama::from_checkpoint(&ckpt)?;
+    let routed = if ckpt.extra_config.contains_key("mod") {
+        Some(modification::ModModel::from_checkpoint(&ckpt)?)
+    } else {
+        None
+    };
     if !args.json {
         println!(
             "{:<50} {:>8} {:>10} {:>12}",
@@ -56,13 +63,24 @@ fn main() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let mut ids = tokenizer::encode(&ckpt.tokenizer, &text)?;
         ids.truncate(args.max_tokens);
-        let ppl = eval::perplexity(&model, &ids)?;
+        let (ppl, fractions) = match &routed {
+            None => (eval::perplexity(&model, &ids)?, None),
+            Some(m) => {
+                let r = eval::routed_rows_eval(m, std::slice::from_ref(&ids), true)?;
+                (r.perplexity, Some((r.skip_fraction(), r.compute_fraction)))
+            }
+        };
+        if let (Some((skip, compute)), false) = (fractions, args.json) {
+            println!("routed: skip fraction {skip:.3}, compute {compute:.3} of dense");
+        }
         if args.json {
             let obj = serde_json::json!({
                 "text": path.display().to_string(),
                 "perplexity": ppl.perplexity,
                 "nll": ppl.nll,
                 "tokens": ppl.tokens,
+                "skip_fraction": fractions.map(|f| f.0),
+                "compute_fraction": fractions.map(|f| f.1),
             });
             println!("{obj}");
         } else {
