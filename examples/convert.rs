@@ -30,6 +30,12 @@ enum RouterArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum LayersArg {
+    Odd,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum KvArg {
     Skip,
     Keep,
@@ -53,6 +59,9 @@ struct Args {
     /// Output folder of the converted model (HF layout + report.json with --json).
     #[arg(long, default_value = "out/smollm2-mod")]
     out: PathBuf,
+    /// Routed layers: every other layer starting at 1, or every layer.
+    #[arg(long, value_enum, default_value = "odd")]
+    layers: LayersArg,
     /// Selection operator: threshold-p (MoDification) or top-k (MoD baseline).
     #[arg(long, value_enum, default_value = "threshold")]
     router: RouterArg,
@@ -165,7 +174,10 @@ fn main() -> Result<()> {
     );
 
     let mod_config = ModConfig {
-        routed_layers: RoutedLayers::Rule(LayerRule::Odd),
+        routed_layers: RoutedLayers::Rule(match args.layers {
+            LayersArg::Odd => LayerRule::Odd,
+            LayersArg::All => LayerRule::All,
+        }),
         router: match args.router {
             RouterArg::Threshold => RouterKind::ThresholdP {
                 p: args.p,
