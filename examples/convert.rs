@@ -71,9 +71,10 @@ struct Args {
     /// Capacity C of top-k routers.
     #[arg(long, default_value_t = 0.5)]
     capacity: f64,
-    /// Load-reducing coefficient α.
-    #[arg(long, default_value_t = 0.01)]
-    alpha: f64,
+    /// Load-reducing coefficient α (default 0.01; 0.1 with --target-kept, which needs a
+    /// firmer push to reach its target within the budget).
+    #[arg(long)]
+    alpha: Option<f64>,
     /// Target kept fraction (mean over routed layers): the load term pushes only above it.
     #[arg(long)]
     target_kept: Option<f64>,
@@ -197,7 +198,11 @@ fn main() -> Result<()> {
             GateInput::Residual
         },
         gate_init_bias: args.gate_bias,
-        alpha: args.alpha,
+        alpha: args.alpha.unwrap_or(if args.target_kept.is_some() {
+            0.1
+        } else {
+            0.01
+        }),
         sink_tokens: args.sinks,
         ..ModConfig::default()
     };
