@@ -152,7 +152,6 @@ impl StepReport {
 /// Trains a [`ModModel`] made from a pretrained checkpoint.
 pub struct Trainer {
     model: ModModel,
-    varmap: VarMap,
     opt: AdamW,
     base: Checkpoint,
     config: TrainConfig,
@@ -213,7 +212,6 @@ impl Trainer {
         let opt = AdamW::new(vars, params)?;
         Ok(Self {
             model,
-            varmap,
             opt,
             base: base.clone(),
             config,
@@ -462,13 +460,12 @@ fn poisoned() -> Error {
     Error::InvalidArgument("variable map lock poisoned".to_string())
 }
 
-/// Keeps the [`VarMap`] alive with the trainer (its vars are shared with the model).
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("step", &self.step)
             .field("config", &self.config)
-            .field("vars", &self.varmap.all_vars().len())
+            .field("trained_tensors", &self.opt.vars().count())
             .finish()
     }
 }
