@@ -245,6 +245,8 @@ fn main() -> Result<()> {
             trainer.step()
         );
     }
+    // A layer that keeps nothing but its forced sinks has collapsed.
+    let collapse_floor = args.sinks as f64 / args.seq_len as f64 + 1e-9;
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} {elapsed_precise} {msg}",
@@ -256,7 +258,7 @@ fn main() -> Result<()> {
             .kept_fraction
             .iter()
             .zip(trainer_layers(&mod_config, &ckpt))
-            .filter(|(f, _)| **f == 0.0)
+            .filter(|(f, _)| **f <= collapse_floor)
             .map(|(_, j)| j.to_string())
             .collect();
         let warn = if collapsed.is_empty() {
@@ -409,8 +411,8 @@ fn main() -> Result<()> {
             .join("  ")
     );
     for (j, f) in &kept_per_layer {
-        if *f == 0.0 {
-            println!("WARNING: routed layer {j} keeps no token on held-out text (collapsed)");
+        if *f <= collapse_floor {
+            println!("WARNING: routed layer {j} keeps no token but the sinks on held-out text (collapsed)");
         }
     }
     if !causal.is_empty() {
