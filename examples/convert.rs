@@ -455,6 +455,7 @@ fn main() -> Result<()> {
             "skip_fraction_causal": causal.values().map(|v| v.skip_fraction()).sum::<f64>() / causal.len().max(1) as f64,
             "kept_fraction": kept_per_layer.iter().map(|(j, f)| (j.to_string(), *f)).collect::<BTreeMap<_, _>>(),
             "skip_fraction": skip,
+            "collapsed_layers": kept_per_layer.iter().filter(|(_, f)| **f <= collapse_floor).map(|(j, _)| *j).collect::<Vec<_>>(),
             "worst_perplexity_ratio": worst,
             "compute_fraction": long_eval.compute_fraction,
             "prefill_time_ratio": prefill_ratio,
