@@ -114,6 +114,7 @@ pub fn decode_batch(
         )?,
         valid: Tensor::ones((b, 1), candle_core::DType::U8, device)?,
         lengths: vec![1; b],
+        starts: positions.to_vec(),
     })
 }
 

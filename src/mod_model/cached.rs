@@ -57,7 +57,11 @@ impl ModModel {
             seq_len: t,
         };
         // Keys a dense layer would attend to: every position up to the last new one.
-        let context = batch.positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize + 1;
+        let context = (batch.starts.iter())
+            .zip(&batch.lengths)
+            .map(|(s, l)| s + l)
+            .max()
+            .unwrap_or(0);
         let mut x = base.embed(&batch.ids)?;
         let mut flops = lm_head_flops(cfg, b * t);
         let mut dense_flops = flops;

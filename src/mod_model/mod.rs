@@ -188,10 +188,10 @@ impl ModModel {
     ) -> Result<Selection> {
         let t = batch.seq_len();
         // Sinks are the first positions of a sequence, wherever the batch starts.
-        let starts: Vec<u32> = batch.positions.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
-        let sinks: Vec<usize> = starts
+        let sinks: Vec<usize> = batch
+            .starts
             .iter()
-            .map(|&s| self.config.sink_tokens.saturating_sub(s as usize))
+            .map(|&s| self.config.sink_tokens.saturating_sub(s))
             .collect();
         let sinks = &sinks;
         match (&self.config.router, causal) {

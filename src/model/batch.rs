@@ -17,6 +17,9 @@ pub struct Batch {
     pub valid: Tensor,
     /// Real tokens per row (host copy of `valid`'s row sums).
     pub lengths: Vec<usize>,
+    /// Position of each row's first token (host copy; 0 for a prompt, the row's length so
+    /// far for a decode step).
+    pub starts: Vec<usize>,
 }
 
 impl Batch {
@@ -62,6 +65,7 @@ impl Batch {
             positions: Tensor::from_vec(positions, (b, t), device)?,
             valid: Tensor::from_vec(valid, (b, t), device)?,
             lengths: rows.iter().map(Vec::len).collect(),
+            starts: vec![0; b],
         })
     }
 
@@ -85,5 +89,11 @@ impl Batch {
     /// Number of real (non-padding) tokens.
     pub fn num_tokens(&self) -> usize {
         self.lengths.iter().sum()
+    }
+
+    /// Whether no row is padded (every row holds T real tokens).
+    pub fn is_full(&self) -> bool {
+        let t = self.seq_len();
+        self.lengths.iter().all(|&l| l == t)
     }
 }

@@ -126,9 +126,16 @@ impl KvCache {
             valid.extend(std::iter::repeat_n(0u8, s - len));
         }
         let b = rows.len();
+        let stack = |mut parts: Vec<Tensor>| -> Result<Tensor> {
+            Ok(if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                Tensor::cat(&parts, 0)?
+            })
+        };
         Ok(Some(LayerKeys {
-            k: Tensor::cat(&ks, 0)?,
-            v: Tensor::cat(&vs, 0)?,
+            k: stack(ks)?,
+            v: stack(vs)?,
             positions: Tensor::from_vec(pos, (b, s), device)?,
             valid: Tensor::from_vec(valid, (b, s), device)?,
         }))

@@ -7,20 +7,25 @@ use candle_core::{DType, Device, Tensor};
 
 /// Index tensors of a [`Selection`]: row b's kept tokens occupy slots `0..k_b` of a
 /// `(B, K)` grid, `K = max_b k_b`; the remaining slots are padding (invalid, zero update).
+/// When every token of every row is kept, the dispatch is the identity: no index is built
+/// and nothing is copied.
 #[derive(Debug, Clone)]
 pub struct Dispatch {
-    /// `b * T + position` of every slot, `(B * K,)` u32 (padding slots point at `b * T`).
-    flat_index: Tensor,
-    /// Index within its row of every slot's token, `(B, K)` u32 (gather the batch's
-    /// position ids with [`gather_tokens`](Self::gather_tokens) for RoPE and masks).
-    pub indices: Tensor,
+    /// `None` for the identity (every token kept).
+    index: Option<SlotIndex>,
     /// 1 for a kept token, 0 for a padding slot, `(B, K)` u8.
     pub valid: Tensor,
-    /// `valid` as a `(B, K, 1)` float mask in the model dtype.
-    valid_f: Tensor,
     batch: usize,
     width: usize,
     seq_len: usize,
+}
+
+#[derive(Debug, Clone)]
+struct SlotIndex {
+    /// `b * T + index` of every slot, `(B * K,)` u32 (padding slots point at `b * T`).
+    flat: Tensor,
+    /// `valid` as a `(B, K, 1)` float mask in the model dtype.
+    valid_f: Tensor,
 }
 
 impl Dispatch {
@@ -39,22 +44,30 @@ impl Dispatch {
         if k == 0 {
             return Ok(None);
         }
+        if sel.is_full() {
+            return Ok(Some(Self {
+                index: None,
+                valid: Tensor::ones((b, t), DType::U8, device)?,
+                batch: b,
+                width: t,
+                seq_len: t,
+            }));
+        }
         let mut flat = Vec::with_capacity(b * k);
-        let mut pos = Vec::with_capacity(b * k);
         let mut valid = Vec::with_capacity(b * k);
         for (row, kept) in sel.kept.iter().enumerate() {
             for slot in 0..k {
                 let p = kept.get(slot).copied();
                 flat.push((row * t) as u32 + p.unwrap_or(0));
-                pos.push(p.unwrap_or(0));
                 valid.push(p.is_some() as u8);
             }
         }
         let valid = Tensor::from_vec(valid, (b, k), device)?;
         Ok(Some(Self {
-            flat_index: Tensor::from_vec(flat, b * k, device)?,
-            indices: Tensor::from_vec(pos, (b, k), device)?,
-            valid_f: valid.to_dtype(dtype)?.unsqueeze(2)?,
+            index: Some(SlotIndex {
+                flat: Tensor::from_vec(flat, b * k, device)?,
+                valid_f: valid.to_dtype(dtype)?.unsqueeze(2)?,
+            }),
             valid,
             batch: b,
             width: k,
@@ -70,16 +83,22 @@ impl Dispatch {
     /// Gathers `(B, T, d)` -> `(B, K, d)` (padding slots hold row b's token 0).
     /// Differentiable (index_select).
     pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(index) = &self.index else {
+            return Ok(x.clone());
+        };
         let d = x.dim(2)?;
         Ok(x.reshape((self.batch * self.seq_len, d))?
-            .index_select(&self.flat_index, 0)?
+            .index_select(&index.flat, 0)?
             .reshape((self.batch, self.width, d))?)
     }
 
-    /// Gathers a per-token value `(B, T)` -> `(B, K)`.
+    /// Gathers a per-token value `(B, T)` -> `(B, K)` (position ids, gates).
     pub fn gather_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(index) = &self.index else {
+            return Ok(x.clone());
+        };
         Ok(x.flatten_all()?
-            .index_select(&self.flat_index, 0)?
+            .index_select(&index.flat, 0)?
             .reshape((self.batch, self.width))?)
     }
 
@@ -88,11 +107,14 @@ impl Dispatch {
     /// tokens are untouched. Uses `index_add`, whose gradient is right for both operands
     /// (candle 0.11's `scatter_add` gets the base's gradient wrong).
     pub fn add_back(&self, x: &Tensor, update: &Tensor) -> Result<Tensor> {
+        let Some(index) = &self.index else {
+            return Ok((x + update)?);
+        };
         let d = x.dim(2)?;
-        let update = update.broadcast_mul(&self.valid_f)?;
+        let update = update.broadcast_mul(&index.valid_f)?;
         Ok(x.reshape((self.batch * self.seq_len, d))?
             .index_add(
-                &self.flat_index,
+                &index.flat,
                 &update.reshape((self.batch * self.width, d))?,
                 0,
             )?

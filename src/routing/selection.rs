@@ -13,6 +13,12 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// Whether every position of every row is kept (no padding, nothing skipped): the
+    /// layer can run on the batch as it is, without gather and scatter.
+    pub fn is_full(&self) -> bool {
+        self.kept.iter().all(|row| row.len() == self.seq_len)
+    }
+
     /// Total kept tokens over the batch.
     pub fn num_kept(&self) -> usize {
         self.kept.iter().map(Vec::len).sum()
