@@ -61,7 +61,7 @@ impl ModModel {
     /// (`model.layers.{j}.router.{weight,bias}`). With a `VarMap`-backed `vb` new routers are
     /// created (weight 0, bias `gate_init_bias`) and trainable.
     ///
-    /// Errors: [`Error::Config`] from [`ModConfig::validate`]; [`Error::Candle`] if a stored
+    /// Errors: [`crate::Error::Config`] from [`ModConfig::validate`]; [`crate::Error::Candle`] if a stored
     /// router tensor has another shape.
     pub fn new(base: Llama, config: ModConfig, vb: VarBuilder) -> Result<Self> {
         let n = base.config().num_hidden_layers;
@@ -122,7 +122,8 @@ impl ModModel {
     /// this is a full-sequence forward; see [`forward_causal`](Self::forward_causal) for the
     /// decision a decoder makes).
     ///
-    /// Errors: [`Error::SequenceTooLong`] when T exceeds the context.
+    /// Errors: [`crate::Error::SequenceTooLong`] when T exceeds the context;
+    /// [`crate::Error::InvalidArgument`] for a token id outside the vocabulary.
     pub fn forward(&self, batch: &Batch, mode: Mode) -> Result<ModOutput> {
         self.run(batch, mode, false)
     }

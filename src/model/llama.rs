@@ -129,7 +129,8 @@ impl Llama {
     /// Padding keys are masked, so each row gets the logits it would get alone; logits at
     /// padding positions are meaningless.
     ///
-    /// Errors: [`Error::SequenceTooLong`] when T exceeds the context.
+    /// Errors: [`Error::SequenceTooLong`] when T exceeds the context;
+    /// [`Error::InvalidArgument`] for a token id outside the vocabulary.
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
         self.check_batch(batch)?;
         let mut x = self.embed(&batch.ids)?;
