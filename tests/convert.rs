@@ -2,7 +2,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use modification::checkpoint::converted::save_converted;
 use modification::eval;
 use modification::mod_config::RouterKind;
@@ -31,19 +31,6 @@ fn small_run(steps: usize) -> TrainConfig {
         batch_size: 2,
         ..TrainConfig::default()
     }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
@@ -137,7 +124,7 @@ fn saved_model_loads_back_with_identical_logits() {
     let batch = Batch::from_rows(&corpus().sources[1].heldout, 0, 8192, &Device::Cpu).unwrap();
     let a = trainer.model().forward(&batch, Mode::Inference).unwrap();
     let b = loaded.forward(&batch, Mode::Inference).unwrap();
-    assert_eq!(max_diff(&a.logits, &b.logits), 0.0);
+    assert_eq!(common::max_diff(&a.logits, &b.logits), 0.0);
     let kept_a: Vec<usize> = a.stats.iter().map(|s| s.kept).collect();
     let kept_b: Vec<usize> = b.stats.iter().map(|s| s.kept).collect();
     assert_eq!(kept_a, kept_b);
@@ -173,7 +160,11 @@ fn resumed_run_equals_uninterrupted_run() {
     let b = resumed.trained_tensors();
     assert_eq!(a.len(), 30);
     for (name, t) in &a {
-        assert_eq!(max_diff(t, &b[name]), 0.0, "{name} differs after resume");
+        assert_eq!(
+            common::max_diff(t, &b[name]),
+            0.0,
+            "{name} differs after resume"
+        );
     }
     // A state made with other settings is refused.
     let other = ModConfig {

@@ -10,26 +10,6 @@ use modification::generate::{self, decode_batch, SamplingConfig};
 use modification::mod_config::{KvPolicy, LayerRule, RoutedLayers};
 use modification::{Batch, Llama, ModConfig, ModModel, Mode};
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn ids(n: usize, seed: u64) -> Vec<u32> {
-    tiny::values(n, seed, 1.0)
-        .iter()
-        .map(|v| ((v + 1.0) * 50.0) as u32 % 101)
-        .collect()
-}
-
 fn routed(kv: KvPolicy) -> ModModel {
     let cfg = ModConfig {
         kv_policy: kv,
@@ -66,13 +46,13 @@ fn check_prefill_decode(model: &ModModel, tokens: &[u32], prompt_len: usize) {
         rows.push(step.logits.i(0).unwrap());
     }
     let cached = Tensor::cat(&rows, 0).unwrap();
-    let d = max_diff(&cached, &full.logits.i(0).unwrap());
+    let d = common::max_diff(&cached, &full.logits.i(0).unwrap());
     assert!(d < 1e-4, "prompt {prompt_len}: max diff {d}");
 }
 
 #[test]
 fn prefill_then_decode_equals_full_forward() {
-    let tokens = ids(14, 21);
+    let tokens = tiny::ids(14, 21);
     for model in [
         routed(KvPolicy::Skip),
         routed(KvPolicy::Keep),
@@ -102,7 +82,7 @@ fn decode_steps_where_every_or_no_routed_layer_keeps_the_token() {
             ..tiny::config_all_layers()
         };
         let model = tiny::mod_model(tiny::llama(3), cfg, 0.0, bias);
-        let tokens = ids(6, 22);
+        let tokens = tiny::ids(6, 22);
         check_prefill_decode(&model, &tokens, 2);
         let mut cache = model.new_cache(1);
         model
@@ -128,7 +108,7 @@ fn decode_steps_where_every_or_no_routed_layer_keeps_the_token() {
 fn batched_generation_gives_each_row_what_it_gets_alone() {
     for kv in [KvPolicy::Skip, KvPolicy::Keep] {
         let model = routed(kv);
-        let prompts = vec![ids(9, 23), ids(2, 24), ids(5, 25)];
+        let prompts = vec![tiny::ids(9, 23), tiny::ids(2, 24), tiny::ids(5, 25)];
         let together = generate::greedy_batch(&model, &prompts, 6).unwrap();
         for (p, row) in prompts.iter().zip(&together) {
             let alone = generate::greedy_batch(&model, std::slice::from_ref(p), 6).unwrap();
@@ -142,7 +122,7 @@ fn batched_generation_gives_each_row_what_it_gets_alone() {
 fn kv_cache_shrinks_by_the_skipped_fraction_measured() {
     let model = routed(KvPolicy::Skip);
     let dense = ModModel::dense(model.base().clone()).unwrap();
-    let tokens = ids(20, 26);
+    let tokens = tiny::ids(20, 26);
     let batch = Batch::single(&tokens, 64, &Device::Cpu).unwrap();
     let mut routed_cache = model.new_cache(1);
     let out = model.forward_cached(&batch, &mut routed_cache).unwrap();

@@ -1,6 +1,8 @@
 //! The fused (inference) and composed (differentiable) paths of the model's ops agree, and
 //! the composed path carries gradients.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
 use modification::model::ops;
 
@@ -8,19 +10,6 @@ fn data(n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 6.0)
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
@@ -39,7 +28,7 @@ fn rms_norm_fused_and_differentiable_paths_agree_and_only_the_latter_has_a_gradi
     }
     let xv = Var::from_tensor(&x).unwrap();
     let slow = ops::rms_norm(xv.as_tensor(), &w, 1e-5).unwrap();
-    assert!(max_diff(&fused, &slow) < 1e-5);
+    assert!(common::max_diff(&fused, &slow) < 1e-5);
     let grads = slow.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(xv.as_tensor()).is_some());
 }
@@ -52,7 +41,7 @@ fn softmax_fused_and_differentiable_paths_agree() {
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
     let xv = Var::from_tensor(&x).unwrap();
     let slow = ops::softmax_last_dim(xv.as_tensor()).unwrap();
-    assert!(max_diff(&fused, &slow) < 1e-6);
+    assert!(common::max_diff(&fused, &slow) < 1e-6);
     let picked = slow.narrow(1, 0, 1).unwrap().sum_all().unwrap();
     let g = picked.backward().unwrap();
     let gx = g

@@ -13,26 +13,6 @@ use modification::routing::selection;
 use modification::{loss, Batch, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn ids(n: usize, seed: u64) -> Vec<u32> {
-    tiny::values(n, seed, 1.0)
-        .iter()
-        .map(|v| ((v + 1.0) * 50.0) as u32 % 101)
-        .collect()
-}
-
 fn threshold(p: f64) -> RouterKind {
     RouterKind::ThresholdP {
         p,
@@ -50,7 +30,7 @@ fn odd_config() -> ModConfig {
 #[test]
 fn all_gates_open_equals_dense_exactly() {
     let base = tiny::llama(3);
-    let batch = Batch::single(&ids(20, 1), 64, &Device::Cpu).unwrap();
+    let batch = Batch::single(&tiny::ids(20, 1), 64, &Device::Cpu).unwrap();
     let dense = base.forward(&batch).unwrap();
     for scaling in [GateScaling::StraightThrough, GateScaling::Multiply] {
         for kv in [KvPolicy::Skip, KvPolicy::Keep] {
@@ -64,7 +44,7 @@ fn all_gates_open_equals_dense_exactly() {
             for mode in [Mode::Inference, Mode::Training] {
                 let out = m.forward(&batch, mode).unwrap();
                 assert_eq!(
-                    max_diff(&out.logits, &dense),
+                    common::max_diff(&out.logits, &dense),
                     0.0,
                     "{scaling:?} {kv:?} {mode:?}"
                 );
@@ -77,7 +57,7 @@ fn all_gates_open_equals_dense_exactly() {
 #[test]
 fn all_gates_closed_makes_every_routed_layer_the_identity() {
     let base = tiny::llama(3);
-    let batch = Batch::single(&ids(12, 2), 64, &Device::Cpu).unwrap();
+    let batch = Batch::single(&tiny::ids(12, 2), 64, &Device::Cpu).unwrap();
     let identity = base.logits(&base.embed(&batch.ids).unwrap()).unwrap();
     for kv in [KvPolicy::Skip, KvPolicy::Keep] {
         let cfg = ModConfig {
@@ -88,7 +68,11 @@ fn all_gates_closed_makes_every_routed_layer_the_identity() {
         let m = tiny::mod_model(base.clone(), cfg, 0.0, -50.0);
         for mode in [Mode::Inference, Mode::Training] {
             let out = m.forward(&batch, mode).unwrap();
-            assert_eq!(max_diff(&out.logits, &identity), 0.0, "{kv:?} {mode:?}");
+            assert_eq!(
+                common::max_diff(&out.logits, &identity),
+                0.0,
+                "{kv:?} {mode:?}"
+            );
             assert!(out
                 .stats
                 .iter()
@@ -138,7 +122,7 @@ fn top_k_keeps_largest_logits_not_first_positions() {
 /// A 2-layer model with layer 1 routed; returns (model, batch, h0 = output of layer 0).
 fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Tensor) {
     let base = tiny::llama(2);
-    let batch = Batch::single(&ids(16, 3), 64, &Device::Cpu).unwrap();
+    let batch = Batch::single(&tiny::ids(16, 3), 64, &Device::Cpu).unwrap();
     let rope = base.rope.at(&batch.positions, DType::F32).unwrap();
     let mask =
         attention_mask(&batch.positions, &batch.positions, &batch.valid, DType::F32).unwrap();
@@ -214,14 +198,14 @@ fn routed_layer_equals_dense_layer_without_skipped_tokens_at_original_positions(
             .unwrap();
         let out = m.forward(&batch, Mode::Inference).unwrap();
         assert!(
-            max_diff(&out.logits, &expected) < 1e-4,
+            common::max_diff(&out.logits, &expected) < 1e-4,
             "{scaling:?}: {}",
-            max_diff(&out.logits, &expected)
+            common::max_diff(&out.logits, &expected)
         );
         assert_eq!(out.stats[0].kept, kept.len());
         // Training mode has the same forward value.
         let train = m.forward(&batch, Mode::Training).unwrap();
-        assert!(max_diff(&train.logits, &out.logits) < 1e-4);
+        assert!(common::max_diff(&train.logits, &out.logits) < 1e-4);
     }
 }
 
@@ -252,7 +236,7 @@ fn keep_policy_skipped_tokens_still_serve_dense_keys_and_values() {
         .unwrap();
     for mode in [Mode::Inference, Mode::Training] {
         let out = m.forward(&batch, mode).unwrap();
-        assert!(max_diff(&out.logits, &expected) < 1e-4, "{mode:?}");
+        assert!(common::max_diff(&out.logits, &expected) < 1e-4, "{mode:?}");
     }
 }
 
@@ -267,9 +251,9 @@ fn single_token_and_zero_kept_tokens_work() {
     for mode in [Mode::Inference, Mode::Training] {
         let out = closed.forward(&batch, mode).unwrap();
         assert_eq!(out.logits.dims(), &[1, 1, 101]);
-        assert_eq!(max_diff(&out.logits, &identity), 0.0);
+        assert_eq!(common::max_diff(&out.logits, &identity), 0.0);
         assert_eq!(
-            max_diff(&open.forward(&batch, mode).unwrap().logits, &dense),
+            common::max_diff(&open.forward(&batch, mode).unwrap().logits, &dense),
             0.0
         );
     }
@@ -278,7 +262,7 @@ fn single_token_and_zero_kept_tokens_work() {
 #[test]
 fn sink_tokens_are_kept_whatever_the_gate_says() {
     let base = tiny::llama(3);
-    let rows = vec![ids(9, 4), ids(5, 5)];
+    let rows = vec![tiny::ids(9, 4), tiny::ids(5, 5)];
     let batch = Batch::from_rows(&rows, 0, 64, &Device::Cpu).unwrap();
     let cfg = ModConfig {
         sink_tokens: 1,
@@ -294,13 +278,13 @@ fn sink_tokens_are_kept_whatever_the_gate_says() {
     }
     // The first token computed every layer alone, as in the dense model.
     let dense = base.forward(&batch).unwrap();
-    assert!(max_diff(&out.logits.i((.., 0)).unwrap(), &dense.i((.., 0)).unwrap()) < 1e-5);
+    assert!(common::max_diff(&out.logits.i((.., 0)).unwrap(), &dense.i((.., 0)).unwrap()) < 1e-5);
 }
 
 #[test]
 fn padded_batch_gives_each_row_what_it_gets_alone() {
     let base = tiny::llama(3);
-    let rows = vec![ids(13, 6), ids(4, 7), ids(9, 8)];
+    let rows = vec![tiny::ids(13, 6), tiny::ids(4, 7), tiny::ids(9, 8)];
     let routers = [threshold(0.5), RouterKind::TopK { capacity: 0.5 }];
     for router in routers {
         for kv in [KvPolicy::Skip, KvPolicy::Keep] {
@@ -324,7 +308,10 @@ fn padded_batch_gives_each_row_what_it_gets_alone() {
                     .unwrap();
                 let got = out.logits.i((r, ..row.len())).unwrap();
                 let want = alone.logits.i(0).unwrap();
-                assert!(max_diff(&got, &want) < 1e-4, "{router:?} {kv:?} row {r}");
+                assert!(
+                    common::max_diff(&got, &want) < 1e-4,
+                    "{router:?} {kv:?} row {r}"
+                );
                 for (l, s) in alone.stats.iter().enumerate() {
                     kept_alone[l] += s.kept;
                     gate_sum_alone[l] +=
@@ -349,7 +336,7 @@ fn padded_batch_gives_each_row_what_it_gets_alone() {
 #[test]
 fn training_mode_gives_skipped_tokens_gates_an_lm_gradient() {
     let base = tiny::llama(2);
-    let batch = Batch::single(&ids(16, 9), 64, &Device::Cpu).unwrap();
+    let batch = Batch::single(&tiny::ids(16, 9), 64, &Device::Cpu).unwrap();
     // w = 0, bias -1: every gate is sigmoid(-1) = 0.27 < p, so every token is skipped.
     let varmap = VarMap::new();
     let cfg = ModConfig {
@@ -445,7 +432,7 @@ fn backward_reaches_every_router_and_block_weight_with_finite_loss() {
                 .unwrap();
         }
     }
-    let rows = vec![ids(12, 10), ids(7, 11)];
+    let rows = vec![tiny::ids(12, 10), tiny::ids(7, 11)];
     let batch = Batch::from_rows(&rows, 0, 64, &Device::Cpu).unwrap();
     for kv in [KvPolicy::Skip, KvPolicy::Keep] {
         let m = ModModel::new(

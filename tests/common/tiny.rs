@@ -102,3 +102,11 @@ pub fn config_all_layers_no_sink() -> ModConfig {
         ..config_all_layers()
     }
 }
+
+/// Deterministic token ids in the tiny vocabulary.
+pub fn ids(n: usize, seed: u64) -> Vec<u32> {
+    values(n, seed, 1.0)
+        .iter()
+        .map(|v| ((v + 1.0) * 50.0) as u32 % 101)
+        .collect()
+}
