@@ -54,3 +54,8 @@ pub mod train;
 
 pub use mod_config::ModConfig;
 pub use mod_model::{ModModel, ModOutput, Mode};
+
+/// The README's code examples, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
