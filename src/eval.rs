@@ -28,15 +28,7 @@ pub fn perplexity(model: &Llama, ids: &[u32]) -> Result<Perplexity> {
             ids.len()
         )));
     }
-    let batch = Batch::single(ids, model.config().max_position_embeddings, model.device())?;
-    let logits = model.forward(&batch)?;
-    let (sum, count) = next_token_nll(&logits, &batch.ids, &batch.valid)?;
-    let nll = sum.to_scalar::<f32>()? as f64 / count as f64;
-    Ok(Perplexity {
-        nll,
-        perplexity: nll.exp(),
-        tokens: ids.len(),
-    })
+    dense_rows_perplexity(model, &[ids.to_vec()])
 }
 
 /// Held-out evaluation of a Mixture-of-Depths model on rows of tokens.

@@ -39,17 +39,7 @@ impl ModModel {
         for j in config.routed_layer_indices(n)? {
             for (leaf, shape) in [("weight", vec![1, d]), ("bias", vec![1])] {
                 let name = format!("model.layers.{j}.router.{leaf}");
-                let t = ckpt
-                    .tensors
-                    .get(&name)
-                    .ok_or_else(|| Error::MissingTensor { name: name.clone() })?;
-                if t.dims() != shape.as_slice() {
-                    return Err(Error::ShapeMismatch {
-                        name,
-                        expected: shape,
-                        found: t.dims().to_vec(),
-                    });
-                }
+                let t = ckpt.tensor(&name, &shape)?;
                 routers.insert(name, t.to_dtype(DType::F32)?);
             }
         }

@@ -83,19 +83,27 @@ impl Checkpoint {
     /// [`Error::ShapeMismatch`] naming the tensor and both shapes.
     pub fn validate(&self) -> Result<()> {
         for (name, expected) in self.config.tensor_shapes() {
-            let tensor = self
-                .tensors
-                .get(&name)
-                .ok_or_else(|| Error::MissingTensor { name: name.clone() })?;
-            if tensor.dims() != expected.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    name,
-                    expected,
-                    found: tensor.dims().to_vec(),
-                });
-            }
+            self.tensor(&name, &expected)?;
         }
         Ok(())
+    }
+
+    /// The tensor `name`, checked to have shape `expected`.
+    ///
+    /// Errors: [`Error::MissingTensor`] when absent; [`Error::ShapeMismatch`] naming the
+    /// tensor and both shapes.
+    pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<&Tensor> {
+        let tensor = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })?;
+        if tensor.dims() != expected {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: tensor.dims().to_vec(),
+            });
+        }
+        Ok(tensor)
     }
 
     /// The dtype of the weights (that of the token embeddings).
