@@ -14,10 +14,13 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use modification::checkpoint::converted::save_converted;
+use modification::calibrate::calibrate_compute;
+use modification::model::LoraConfig;
 use modification::eval::{self, RoutedEval};
 use modification::mod_config::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
-use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainable, Trainer};
+use modification::train::{
+    Corpus, CorpusOptions, Objective, SourceSpec, TrainConfig, Trainable, Trainer,
+};
 use modification::{Batch, Checkpoint, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,7 +47,15 @@ enum KvArg {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum TrainArg {
     Routers,
+    Lora,
     All,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ObjectiveArg {
+    Lm,
+    Kl,
+    KlLm,
 }
 
 #[derive(Parser, Debug)]
@@ -84,9 +95,30 @@ struct Args {
     /// Skipped-token KV policy.
     #[arg(long, value_enum, default_value = "skip")]
     kv: KvArg,
-    /// Train the routers only or the whole model.
+    /// What trains besides the routers: nothing, LoRA adapters (merged when saving), or
+    /// every base weight.
     #[arg(long, value_enum, default_value = "routers")]
     train: TrainArg,
+    /// Training objective: LM loss (the paper), KL to the original model
+    /// (self-distillation), or both.
+    #[arg(long, value_enum, default_value = "lm")]
+    objective: ObjectiveArg,
+    /// Target compute as a fraction of the dense model's FLOPs (whole model): one budget
+    /// for all routed layers during training, then thresholds calibrated on training rows.
+    #[arg(long)]
+    target_compute: Option<f64>,
+    /// Calibration rows per source (from the training split) for --target-compute.
+    #[arg(long, default_value_t = 1)]
+    calibration_rows: usize,
+    /// LoRA rank (with --train lora).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// LoRA scale numerator α (the adapter output is scaled by α / rank).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// LoRA learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lora_lr: f64,
     /// Also fine-tune the dense model with the same budget and report it.
     #[arg(long)]
     dense_baseline: bool,
@@ -153,6 +185,9 @@ fn main() -> Result<()> {
         "bf16" => DType::BF16,
         other => anyhow::bail!("unknown --dtype {other} (f32 or bf16)"),
     };
+    let (mod_config, train_config) = settings(&args);
+    // Settings errors before minutes of loading and evaluation.
+    train_config.validate()?;
     let ckpt = Checkpoint::load(&args.model, dtype, &device).context("loading the model")?;
     let eos = ckpt.config.eos_token_id.unwrap_or(0);
     let specs = SourceSpec::folders_of(&args.data)?;
@@ -174,55 +209,8 @@ fn main() -> Result<()> {
             .join(", ")
     );
 
-    let mod_config = ModConfig {
-        routed_layers: RoutedLayers::Rule(match args.layers {
-            LayersArg::Odd => LayerRule::Odd,
-            LayersArg::All => LayerRule::All,
-        }),
-        router: match args.router {
-            RouterArg::Threshold => RouterKind::ThresholdP {
-                p: args.p,
-                per_layer: BTreeMap::new(),
-            },
-            RouterArg::Topk => RouterKind::TopK {
-                capacity: args.capacity,
-            },
-        },
-        kv_policy: match args.kv {
-            KvArg::Skip => KvPolicy::Skip,
-            KvArg::Keep => KvPolicy::Keep,
-        },
-        gate_input: if args.gate_normalized {
-            GateInput::Normalized
-        } else {
-            GateInput::Residual
-        },
-        gate_init_bias: args.gate_bias,
-        alpha: args.alpha.unwrap_or(if args.target_kept.is_some() {
-            0.1
-        } else {
-            0.01
-        }),
-        sink_tokens: args.sinks,
-        ..ModConfig::default()
-    };
-    let train_config = TrainConfig {
-        steps: args.steps,
-        batch_size: args.batch_size,
-        router_lr: args.router_lr,
-        base_lr: args.base_lr,
-        warmup_steps: args.warmup,
-        min_lr_ratio: args.min_lr_ratio,
-        grad_accum: args.grad_accum,
-        seed: args.seed,
-        trainable: match args.train {
-            TrainArg::Routers => Trainable::Routers,
-            TrainArg::All => Trainable::All,
-        },
-        target_kept: args.target_kept,
-        target_per_layer: args.target_per_layer,
-        ..TrainConfig::default()
-    };
+    // The settings are checked against the model before anything is evaluated.
+    let mut trainer = Trainer::new(&ckpt, mod_config.clone(), train_config.clone())?;
 
     // 1. The original model on every source's held-out rows.
     let dense = Llama::from_checkpoint(&ckpt)?;
@@ -235,7 +223,6 @@ fn main() -> Result<()> {
     }
 
     // 2. Convert.
-    let mut trainer = Trainer::new(&ckpt, mod_config.clone(), train_config.clone())?;
     let state_dir = Trainer::state_dir(&args.out);
     if args.resume && state_dir.is_dir() {
         trainer.load_state(&state_dir)?;
@@ -268,24 +255,54 @@ fn main() -> Result<()> {
         };
         bar.set_position(r.step as u64);
         bar.set_message(format!(
-            "{:.0} tok/s lm {:.3} load {:.4} kept {:.3}{warn}",
+            "{:.0} tok/s lm {:.3} kl {:.4} load {:.4} kept {:.3} compute {:.3}{warn}",
             r.tokens as f64 / r.seconds,
             r.lm_loss,
+            r.kl_loss,
             r.load_loss,
-            r.mean_kept()
+            r.mean_kept(),
+            r.compute_fraction
         ));
+        if !bar.is_hidden() {
+            return;
+        }
+        // Not a terminal (a pipe or a log file): one plain line every 10 steps.
+        if r.step % 10 == 0 || r.step == 1 {
+            println!(
+                "step {} lm {:.3} kl {:.4} load {:.4} kept {:.3} compute {:.3} {:.0} tok/s{warn}",
+                r.step,
+                r.lm_loss,
+                r.kl_loss,
+                r.load_loss,
+                r.mean_kept(),
+                r.compute_fraction,
+                r.tokens as f64 / r.seconds
+            );
+        }
         tracing::debug!(?r, "step");
     })?;
     bar.finish();
     let train_seconds = train_start.elapsed().as_secs_f64();
 
-    // 3. Save; evaluate the saved model as a user loads it.
-    save_converted(
-        &args.out,
-        &ckpt,
-        &trainer.trained_tensors(),
-        trainer.model().config(),
-    )?;
+    // 3. Calibrate the operating point on training rows; save; evaluate the saved model as
+    //    a user loads it.
+    let mut saved_config = trainer.model().config().clone();
+    let mut calibration = None;
+    if let Some(target) = args.target_compute {
+        let rows = corpus.calibration_rows(args.calibration_rows);
+        let (calibrated, c) = calibrate_compute(trainer.model(), &rows, target)?;
+        println!(
+            "calibrated on {} training rows: compute {:.3} (target {target}, reachable {:.3}..{:.3}, setting {:+.3})",
+            rows.len(),
+            c.compute_fraction,
+            c.reachable.0,
+            c.reachable.1,
+            c.setting
+        );
+        saved_config = calibrated.config().clone();
+        calibration = Some(c);
+    }
+    trainer.save_converted(&args.out, &saved_config)?;
     // save_converted replaced the folder: keep the final training state with it.
     trainer.save_state(&state_dir)?;
     let reloaded = ModModel::load(
@@ -401,6 +418,15 @@ fn main() -> Result<()> {
         }
     }
     let skip = 1.0 - kept_per_layer.values().sum::<f64>() / kept_per_layer.len().max(1) as f64;
+    let compute_heldout = converted.values().map(|c| c.compute_fraction).sum::<f64>()
+        / converted.len().max(1) as f64;
+    let kv_heldout =
+        converted.values().map(|c| c.kv_fraction).sum::<f64>() / converted.len().max(1) as f64;
+    let mean_ratio = original
+        .iter()
+        .map(|(name, o)| converted[name].perplexity.perplexity / o)
+        .sum::<f64>()
+        / original.len().max(1) as f64;
     println!("\nkept fraction per routed layer (held-out mean):");
     println!(
         "{}",
@@ -433,8 +459,13 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "\nskip {skip:.3}  worst perplexity ratio {worst:.3}  compute {:.3} of dense  prefill time ratio {prefill_ratio:.3} ({} tokens)  KV cache ratio {:.3}",
-        long_eval.compute_fraction, long.len(), long_eval.kv_fraction
+        "\nheld-out: skip {skip:.3}  worst perplexity ratio {worst:.3}  mean {mean_ratio:.3}  compute {compute_heldout:.3} of dense  KV cache {kv_heldout:.3}"
+    );
+    println!(
+        "prefill input ({} tokens): compute {:.3}  prefill time ratio {prefill_ratio:.3}  KV cache ratio {:.3}",
+        long.len(),
+        long_eval.compute_fraction,
+        long_eval.kv_fraction
     );
     println!(
         "trained {} steps in {train_seconds:.0}s; total {:.0}s; saved to {}",
@@ -457,7 +488,11 @@ fn main() -> Result<()> {
             "skip_fraction": skip,
             "collapsed_layers": kept_per_layer.iter().filter(|(_, f)| **f <= collapse_floor).map(|(j, _)| *j).collect::<Vec<_>>(),
             "worst_perplexity_ratio": worst,
-            "compute_fraction": long_eval.compute_fraction,
+            "mean_perplexity_ratio": mean_ratio,
+            "compute_fraction": compute_heldout,
+            "kv_cache_ratio_heldout": kv_heldout,
+            "calibration": calibration,
+            "compute_fraction_prefill": long_eval.compute_fraction,
             "prefill_time_ratio": prefill_ratio,
             "prefill_tokens": long.len(),
             "kv_cache_ratio": long_eval.kv_fraction,
@@ -470,6 +505,73 @@ fn main() -> Result<()> {
         println!("report: {}", path.display());
     }
     Ok(())
+}
+
+/// The conversion and training settings the arguments describe.
+fn settings(args: &Args) -> (ModConfig, TrainConfig) {
+    let mod_config = ModConfig {
+        routed_layers: RoutedLayers::Rule(match args.layers {
+            LayersArg::Odd => LayerRule::Odd,
+            LayersArg::All => LayerRule::All,
+        }),
+        router: match args.router {
+            RouterArg::Threshold => RouterKind::ThresholdP {
+                p: args.p,
+                per_layer: BTreeMap::new(),
+            },
+            RouterArg::Topk => RouterKind::TopK {
+                capacity: args.capacity,
+            },
+        },
+        kv_policy: match args.kv {
+            KvArg::Skip => KvPolicy::Skip,
+            KvArg::Keep => KvPolicy::Keep,
+        },
+        gate_input: if args.gate_normalized {
+            GateInput::Normalized
+        } else {
+            GateInput::Residual
+        },
+        gate_init_bias: args.gate_bias,
+        alpha: args.alpha.unwrap_or(if args.target_kept.is_some() || args.target_compute.is_some() {
+            0.1
+        } else {
+            0.01
+        }),
+        sink_tokens: args.sinks,
+        ..ModConfig::default()
+    };
+    let train_config = TrainConfig {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        router_lr: args.router_lr,
+        base_lr: args.base_lr,
+        warmup_steps: args.warmup,
+        min_lr_ratio: args.min_lr_ratio,
+        grad_accum: args.grad_accum,
+        seed: args.seed,
+        trainable: match args.train {
+            TrainArg::Routers => Trainable::Routers,
+            TrainArg::Lora => Trainable::Lora,
+            TrainArg::All => Trainable::All,
+        },
+        lora: LoraConfig {
+            rank: args.lora_rank,
+            alpha: args.lora_alpha,
+        },
+        lora_lr: args.lora_lr,
+        objective: match args.objective {
+            ObjectiveArg::Lm => Objective::Lm,
+            ObjectiveArg::Kl => Objective::Kl,
+            ObjectiveArg::KlLm => Objective::KlLm,
+        },
+        target_compute: args.target_compute,
+        target_kept: args.target_kept,
+        target_per_layer: args.target_per_layer,
+        ..TrainConfig::default()
+    };
+
+    (mod_config, train_config)
 }
 
 fn trainer_layers(cfg: &ModConfig, ckpt: &Checkpoint) -> Vec<usize> {

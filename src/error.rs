@@ -93,6 +93,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A target compute fraction that no setting of the operator reaches.
+    #[error("target compute fraction {target:.3} is unreachable: this model reaches {min:.3} to {max:.3}")]
+    UnreachableTarget {
+        /// The requested fraction.
+        target: f64,
+        /// The smallest reachable fraction (every routed token skipped but the sinks).
+        min: f64,
+        /// The largest (every token kept).
+        max: f64,
+    },
+
     /// Training produced a non-finite loss; the last checkpoint written before it is kept.
     #[error("non-finite loss {loss} at step {step}; the last good checkpoint is kept")]
     NonFiniteLoss {

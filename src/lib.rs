@@ -34,6 +34,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -53,7 +54,7 @@ pub mod runtime;
 pub mod train;
 
 pub use mod_config::ModConfig;
-pub use mod_model::{ModModel, ModOutput, Mode};
+pub use mod_model::{HiddenOutput, ModModel, ModOutput, Mode};
 
 /// The README's code examples, compiled as doctests so that they stay true.
 #[cfg(doctest)]

@@ -34,6 +34,162 @@ pub fn lm_loss(logits: &Tensor, ids: &Tensor, valid: &Tensor) -> Result<Tensor> 
     Ok((sum / count.max(1) as f64)?)
 }
 
+/// Self-distillation: the mean per-token `KL(teacher ‖ student)` over the vocabulary,
+/// `Σ_v p_t(v) · (log p_t(v) − log p_s(v))`, averaged over real tokens (padding excluded).
+///
+/// `student`, `teacher`: logits `(B, T, V)` (any float dtype; computed in f32). The teacher
+/// is treated as a constant (detached). `valid`: `(B, T)` u8. Returns a differentiable
+/// scalar f32 tensor, 0 when the two distributions agree (to rounding) or nothing is valid.
+///
+/// Errors: [`crate::Error::InvalidArgument`] when the shapes differ; [`crate::Error::Candle`]
+/// for logits that are not 3-D.
+pub fn distillation_kl(student: &Tensor, teacher: &Tensor, valid: &Tensor) -> Result<Tensor> {
+    student.dims3()?;
+    if student.dims() != teacher.dims() {
+        return Err(crate::Error::InvalidArgument(format!(
+            "student logits {:?} and teacher logits {:?} differ in shape",
+            student.dims(),
+            teacher.dims()
+        )));
+    }
+    let log_t = log_softmax_last_dim(&teacher.detach())?;
+    let log_s = log_softmax_last_dim(student)?;
+    let p_t = log_t.exp()?;
+    let per_token = (&p_t * (&log_t - &log_s)?)?.sum(D::Minus1)?; // (B, T)
+    let weight = valid.to_dtype(DType::F32)?;
+    let count = weight.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    Ok(((per_token * weight)?.sum_all()? / count)?)
+}
+
+/// Summed objective terms of one batch, from [`chunked_objective`].
+#[derive(Debug, Clone)]
+pub struct ObjectiveTerms {
+    /// Summed next-token NLL over predicted real tokens (scalar f32, differentiable).
+    pub nll_sum: Tensor,
+    /// Number of predicted real tokens (a position and its successor both real).
+    pub nll_count: usize,
+    /// Summed per-token `KL(teacher ‖ student)` over real tokens, when a teacher is given.
+    pub kl_sum: Option<Tensor>,
+    /// Number of real tokens.
+    pub kl_count: usize,
+}
+
+impl ObjectiveTerms {
+    /// Mean next-token cross-entropy (the LM loss), scalar f32.
+    pub fn lm_loss(&self) -> Result<Tensor> {
+        Ok((&self.nll_sum / self.nll_count.max(1) as f64)?)
+    }
+
+    /// Mean per-token KL to the teacher, scalar f32 (`None` without a teacher).
+    pub fn kl_loss(&self) -> Result<Option<Tensor>> {
+        match &self.kl_sum {
+            Some(k) => Ok(Some((k / self.kl_count.max(1) as f64)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Tokens per vocabulary chunk: logits of one chunk stay under 24 MiB of f32, small enough
+/// for the allocator to reuse (a `(B, T, vocab)` tensor is mapped fresh from the OS, page
+/// by page, every time; on a 49 k vocabulary that was a third of a training step).
+fn chunk_tokens(vocab: usize) -> usize {
+    ((24 << 20) / (4 * vocab.max(1))).max(1)
+}
+
+/// The LM loss and the distillation KL computed from final hidden states over chunks of
+/// tokens, so that no `(B, T, vocab)` logits tensor exists at once: values equal
+/// [`next_token_nll`] and [`distillation_kl`] on the full logits.
+///
+/// `student`: the model whose final norm and `lm_head` turn `hidden` `(B, T, d)` into
+/// logits. `teacher`: the original model and its final hidden states `(B, T, d)`
+/// (detached). `ids` `(B, T)` u32, `valid` `(B, T)` u8 as in [`next_token_nll`].
+///
+/// Errors: [`crate::Error::InvalidArgument`] when the teacher's hidden states have another
+/// shape; [`crate::Error::Candle`] on tensor failures.
+pub fn chunked_objective(
+    student: &crate::model::Llama,
+    hidden: &Tensor,
+    teacher: Option<(&crate::model::Llama, &Tensor)>,
+    ids: &Tensor,
+    valid: &Tensor,
+) -> Result<ObjectiveTerms> {
+    let (b, t, d) = hidden.dims3()?;
+    let n = b * t;
+    let device = hidden.device();
+    let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+    let valid_v: Vec<f32> = valid.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    // Position (b, t) predicts ids[b, t + 1]; the last position of a row predicts nothing.
+    let mut targets = vec![0u32; n];
+    let mut nll_weight = vec![0f32; n];
+    for row in 0..b {
+        for col in 0..t.saturating_sub(1) {
+            let i = row * t + col;
+            targets[i] = ids_v[i + 1];
+            nll_weight[i] = valid_v[i] * valid_v[i + 1];
+        }
+    }
+    let h = hidden.reshape((n, d))?;
+    let teacher = match teacher {
+        Some((model, th)) => {
+            if th.dims() != hidden.dims() {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "teacher hidden states {:?} and student hidden states {:?} differ in shape",
+                    th.dims(),
+                    hidden.dims()
+                )));
+            }
+            Some((model, th.detach().reshape((n, d))?))
+        }
+        None => None,
+    };
+    let chunk = chunk_tokens(student.config().vocab_size);
+    let mut nll_sum = Tensor::zeros((), DType::F32, device)?;
+    let mut kl_sum = Tensor::zeros((), DType::F32, device)?;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let log_s = log_softmax_last_dim(&student.logits(&h.narrow(0, start, len)?)?)?;
+        let tg = Tensor::from_slice(&targets[start..start + len], (len, 1), device)?;
+        let w = Tensor::from_slice(&nll_weight[start..start + len], len, device)?;
+        let picked = log_s.gather(&tg, 1)?.squeeze(1)?;
+        nll_sum = (nll_sum - (picked * w)?.sum_all()?)?;
+        if let Some((model, th)) = &teacher {
+            let log_t = log_softmax_last_dim(&model.logits(&th.narrow(0, start, len)?)?)?;
+            let per_token = (log_t.exp()? * (&log_t - &log_s)?)?.sum(D::Minus1)?;
+            let w = Tensor::from_slice(&valid_v[start..start + len], len, device)?;
+            kl_sum = (kl_sum + (per_token * w)?.sum_all()?)?;
+        }
+    }
+    Ok(ObjectiveTerms {
+        nll_sum,
+        nll_count: nll_weight.iter().filter(|&&w| w > 0.0).count(),
+        kl_count: valid_v.iter().filter(|&&w| w > 0.0).count(),
+        kl_sum: teacher.map(|_| kl_sum),
+    })
+}
+
+/// Compute-budget variant of the load-reducing objective: `α · [C > target] · Σ_j G_j`,
+/// where C is the measured compute fraction of the pass (whole model, inference-equivalent
+/// FLOPs). One budget for all routed layers: every gate is pushed down while the model
+/// spends more than `target` of the dense FLOPs, and the LM or distillation gradient decides
+/// in which layers the skips go (threshold-p spends them where they are cheap).
+/// Returns a scalar f32 tensor (0 without routed layers or under budget).
+///
+/// Errors: [`crate::Error::Candle`] on a tensor failure.
+pub fn compute_budget_loss(
+    stats: &[crate::routing::RoutingStats],
+    alpha: f64,
+    compute_fraction: f64,
+    target: f64,
+) -> Result<Tensor> {
+    let mut total = Tensor::zeros((), DType::F32, &candle_core::Device::Cpu)?;
+    if compute_fraction > target {
+        for s in stats {
+            total = total.to_device(s.mean_gate.device())?.add(&s.mean_gate)?;
+        }
+    }
+    Ok((total * alpha)?)
+}
+
 /// MoDification's layer load-reducing objective, `α · Σ_j F_j · G_j` over the routed layers:
 /// F_j, the kept fraction, is a constant (no gradient); G_j, the mean gate over valid
 /// tokens, carries the gradient, so a layer that keeps many tokens pushes its gates down

@@ -167,12 +167,37 @@ impl ModConfig {
         }
     }
 
-    /// Checks every value against a model of `num_layers` layers.
+    /// Checks the settings of a conversion that starts from fresh routers: [`validate`]
+    /// plus the initial bias, which must keep every token (`sigmoid(b) >= p` for every p),
+    /// so that a fresh conversion starts from the pretrained model.
+    ///
+    /// [`validate`]: Self::validate
+    ///
+    /// Errors: those of [`validate`](Self::validate); [`Error::Config`] for an initial bias
+    /// that would skip tokens of a fresh model.
+    pub fn validate_fresh(&self, num_layers: usize) -> Result<()> {
+        self.validate(num_layers)?;
+        if let RouterKind::ThresholdP { p, per_layer } = &self.router {
+            for &pj in std::iter::once(p).chain(per_layer.values()) {
+                if sigmoid(self.gate_init_bias) < pj {
+                    return Err(Error::config(format!(
+                        "gate_init_bias {} gives sigmoid {:.3} < p = {pj}: a fresh model would skip tokens",
+                        self.gate_init_bias,
+                        sigmoid(self.gate_init_bias)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every value against a model of `num_layers` layers (a loaded converted model
+    /// may carry any thresholds in (0, 1); see [`validate_fresh`](Self::validate_fresh) for a
+    /// new conversion).
     ///
     /// Errors: [`Error::Config`] for p outside (0, 1) (global or per layer), a per-layer p
     /// for a layer that is not routed, capacity outside (0, 1], α negative or not finite,
-    /// an initial bias that would skip tokens of a fresh model (`sigmoid(b) < p`), or a
-    /// routed layer index past the model.
+    /// or a routed layer index past the model.
     pub fn validate(&self, num_layers: usize) -> Result<()> {
         let layers = self.routed_layer_indices(num_layers)?;
         match &self.router {
@@ -186,13 +211,6 @@ impl ModConfig {
                     if j != usize::MAX && !layers.contains(&j) {
                         return Err(Error::config(format!(
                             "a threshold is given for layer {j}, which is not routed"
-                        )));
-                    }
-                    if sigmoid(self.gate_init_bias) < pj {
-                        return Err(Error::config(format!(
-                            "gate_init_bias {} gives sigmoid {:.3} < p = {pj}: a fresh model would skip tokens",
-                            self.gate_init_bias,
-                            sigmoid(self.gate_init_bias)
                         )));
                     }
                 }

@@ -15,8 +15,8 @@ pub fn tune_malloc_for_tensors() {
     // SAFETY: mallopt only changes allocator tuning parameters; called before any
     // concurrent allocation-heavy work starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 1 << 30);
     }
 }

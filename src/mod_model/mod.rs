@@ -35,13 +35,37 @@ pub struct ModOutput {
     pub logits: Tensor,
     /// One entry per routed layer, in layer order.
     pub stats: Vec<RoutingStats>,
-    /// FLOPs spent by the pass (layers, routers, `lm_head`).
+    /// FLOPs spent by the pass (layers, routers, `lm_head`). In [`Mode::Training`], which
+    /// computes every token, routed layers count what the sparse inference path would spend
+    /// on the same decisions, so that this measures the converted model's compute.
     pub flops: f64,
     /// FLOPs the dense model spends on the same batch.
     pub dense_flops: f64,
 }
 
 impl ModOutput {
+    /// Fraction of the dense model's FLOPs this pass spent.
+    pub fn compute_fraction(&self) -> f64 {
+        self.flops / self.dense_flops
+    }
+}
+
+/// The final residual stream of a forward pass (before the final norm and `lm_head`), with
+/// its routing statistics: what a loss computed over vocabulary chunks starts from (see
+/// [`crate::loss::chunked_objective`]), so that no `(B, T, vocab)` tensor is materialised.
+#[derive(Debug, Clone)]
+pub struct HiddenOutput {
+    /// `(B, T, d)` in the model dtype.
+    pub hidden: Tensor,
+    /// One entry per routed layer, in layer order.
+    pub stats: Vec<RoutingStats>,
+    /// FLOPs of the pass, `lm_head` on every token included (as [`ModOutput::flops`]).
+    pub flops: f64,
+    /// FLOPs the dense model spends on the same batch.
+    pub dense_flops: f64,
+}
+
+impl HiddenOutput {
     /// Fraction of the dense model's FLOPs this pass spent.
     pub fn compute_fraction(&self) -> f64 {
         self.flops / self.dense_flops
@@ -101,6 +125,23 @@ impl ModModel {
         Self::new(base, config, vb)
     }
 
+    /// The same model (base and routers shared, not copied) with another selection
+    /// operator: how calibrated thresholds or a capacity are put in place.
+    ///
+    /// Errors: [`crate::Error::Config`] from [`ModConfig::validate`].
+    pub fn with_router(&self, router: RouterKind) -> Result<Self> {
+        let config = ModConfig {
+            router,
+            ..self.config.clone()
+        };
+        config.validate(self.base.config().num_hidden_layers)?;
+        Ok(Self {
+            base: self.base.clone(),
+            routers: self.routers.clone(),
+            config,
+        })
+    }
+
     /// The dense base model.
     pub fn base(&self) -> &Llama {
         &self.base
@@ -125,7 +166,23 @@ impl ModModel {
     /// Errors: [`crate::Error::SequenceTooLong`] when T exceeds the context;
     /// [`crate::Error::InvalidArgument`] for a token id outside the vocabulary.
     pub fn forward(&self, batch: &Batch, mode: Mode) -> Result<ModOutput> {
+        self.with_logits(self.run(batch, mode, false)?)
+    }
+
+    /// As [`forward`](Self::forward), stopping before the final norm and `lm_head`.
+    ///
+    /// Errors: as [`forward`](Self::forward).
+    pub fn forward_hidden(&self, batch: &Batch, mode: Mode) -> Result<HiddenOutput> {
         self.run(batch, mode, false)
+    }
+
+    fn with_logits(&self, out: HiddenOutput) -> Result<ModOutput> {
+        Ok(ModOutput {
+            logits: self.base.logits(&out.hidden)?,
+            stats: out.stats,
+            flops: out.flops,
+            dense_flops: out.dense_flops,
+        })
     }
 
     /// As [`forward`](Self::forward), but with every routed layer deciding causally, per
@@ -134,10 +191,10 @@ impl ModModel {
     ///
     /// Errors: as [`forward`](Self::forward).
     pub fn forward_causal(&self, batch: &Batch, mode: Mode) -> Result<ModOutput> {
-        self.run(batch, mode, true)
+        self.with_logits(self.run(batch, mode, true)?)
     }
 
-    fn run(&self, batch: &Batch, mode: Mode, causal: bool) -> Result<ModOutput> {
+    fn run(&self, batch: &Batch, mode: Mode, causal: bool) -> Result<HiddenOutput> {
         let base = &self.base;
         base.check_batch(batch)?;
         let cfg = base.config();
@@ -170,8 +227,8 @@ impl ModModel {
                 }
             }
         }
-        Ok(ModOutput {
-            logits: base.logits(&x)?,
+        Ok(HiddenOutput {
+            hidden: x,
             stats,
             flops,
             dense_flops,
@@ -300,9 +357,11 @@ impl ModModel {
                 };
                 let delta = layer.delta(x, ctx.rope, &mask)?;
                 let w = w.to_dtype(dtype)?.unsqueeze(2)?;
+                // What the sparse inference path spends on this decision (the compute
+                // budget is about the converted model, not about this training pass).
                 (
                     x.add(&delta.broadcast_mul(&w)?)?,
-                    layer_flops(ctx.cfg, b * t, b * t, b * t * t),
+                    sparse_layer_flops(ctx.cfg, &sel, t, self.config.kv_policy),
                 )
             }
             Mode::Inference => match Dispatch::new(&sel, x.device(), dtype)? {
@@ -370,6 +429,18 @@ struct LayerInput<'a> {
     rope: &'a RopeAt,
     dense_mask: &'a Tensor,
     cfg: &'a LlamaConfig,
+}
+
+/// FLOPs of a routed layer that computes the selected tokens only, rows unpadded: `Skip`
+/// attends kept queries to kept keys; `Keep` attends kept queries to every token, which
+/// all still write K/V.
+fn sparse_layer_flops(cfg: &LlamaConfig, sel: &Selection, t: usize, policy: KvPolicy) -> f64 {
+    let kept: Vec<usize> = sel.kept.iter().map(Vec::len).collect();
+    let queries: usize = kept.iter().sum();
+    match policy {
+        KvPolicy::Skip => layer_flops(cfg, queries, queries, kept.iter().map(|k| k * k).sum()),
+        KvPolicy::Keep => layer_flops(cfg, queries, kept.len() * t, queries * t),
+    }
 }
 
 /// The training-mode mask of a `Skip` routed layer, `(B, 1, T, T)`: causal over valid kept

@@ -1,6 +1,6 @@
 //! Grouped-query causal self-attention over an arbitrary token set (Ainslie et al. 2023).
 
-use super::linear::linear;
+use super::linear::Projection;
 use super::ops::softmax_last_dim;
 use super::rope::RopeAt;
 use crate::error::Result;
@@ -20,10 +20,10 @@ pub fn masked_value(dtype: DType) -> f64 {
 /// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -36,10 +36,10 @@ impl Attention {
         let head_dim = hidden / n_heads;
         let kv = n_kv_heads * head_dim;
         Ok(Self {
-            q_proj: vb.pp("q_proj").get((hidden, hidden), "weight")?,
-            k_proj: vb.pp("k_proj").get((kv, hidden), "weight")?,
-            v_proj: vb.pp("v_proj").get((kv, hidden), "weight")?,
-            o_proj: vb.pp("o_proj").get((hidden, hidden), "weight")?,
+            q_proj: Projection::load(vb.pp("q_proj"), hidden, hidden)?,
+            k_proj: Projection::load(vb.pp("k_proj"), kv, hidden)?,
+            v_proj: Projection::load(vb.pp("v_proj"), kv, hidden)?,
+            o_proj: Projection::load(vb.pp("o_proj"), hidden, hidden)?,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -51,11 +51,11 @@ impl Attention {
     /// cache stores them.
     pub fn key_values(&self, x: &Tensor, rope: &RopeAt) -> Result<(Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
-        let k = linear(x, &self.k_proj)?
+        let k = self.k_proj.forward(x)?
             .reshape((b, t, self.n_kv_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = linear(x, &self.v_proj)?
+        let v = self.v_proj.forward(x)?
             .reshape((b, t, self.n_kv_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -74,7 +74,7 @@ impl Attention {
         mask: &Tensor,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let q = linear(x, &self.q_proj)?
+        let q = self.q_proj.forward(x)?
             .reshape((b, t, self.n_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -86,7 +86,27 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        linear(&out, &self.o_proj)
+        self.o_proj.forward(&out)
+    }
+
+    /// The projections by their HF names (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Projection); 4] {
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
+    }
+
+    /// The projections by their HF names, read-only.
+    pub fn projections(&self) -> [(&'static str, &Projection); 4] {
+        [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("o_proj", &self.o_proj),
+        ]
     }
 
     /// Self-attention of a token set on itself: `x` `(B, T, d)` normalised. `(B, T, d)`.

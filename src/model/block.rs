@@ -1,6 +1,8 @@
 //! One pre-norm LLaMA decoder layer.
 
 use super::attention::Attention;
+use super::linear::Projection;
+use super::lora::LoraConfig;
 use super::mlp::Mlp;
 use super::ops::rms_norm;
 use super::rope::RopeAt;
@@ -39,6 +41,30 @@ impl Block {
             post_attn_norm: vb.pp("post_attention_layernorm").get(d, "weight")?,
             eps: cfg.rms_norm_eps,
         })
+    }
+
+    /// Every projection of the layer with its HF name relative to the layer
+    /// (`self_attn.q_proj`, ..., `mlp.down_proj`).
+    pub fn projections(&self) -> Vec<(String, &Projection)> {
+        let attn = self.attn.projections().into_iter();
+        let mlp = self.mlp.projections().into_iter();
+        attn.map(|(n, p)| (format!("self_attn.{n}"), p))
+            .chain(mlp.map(|(n, p)| (format!("mlp.{n}"), p)))
+            .collect()
+    }
+
+    /// Attaches a LoRA adapter to every projection, read or created from `vb`
+    /// (`model.layers.{i}`: `self_attn.q_proj.lora_a`, ...).
+    ///
+    /// Errors: [`crate::Error::Candle`] when a stored adapter tensor is misshapen.
+    pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &LoraConfig) -> Result<()> {
+        for (name, proj) in self.attn.projections_mut() {
+            proj.attach_lora(vb.pp("self_attn").pp(name), cfg)?;
+        }
+        for (name, proj) in self.mlp.projections_mut() {
+            proj.attach_lora(vb.pp("mlp").pp(name), cfg)?;
+        }
+        Ok(())
     }
 
     /// `norm₁(x)`: the normalised input attention projects from. `(B, T, d)`.

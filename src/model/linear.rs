@@ -77,3 +77,60 @@ impl CustomOp2 for FrozenMatmul {
         Ok((Some(grad.matmul(&w_t.t()?)?), None))
     }
 }
+
+/// A bias-free projection: a weight `(out, in)` (frozen or trainable) and, when a
+/// conversion heals its base model, a low-rank [`Adapter`](super::lora::Adapter) beside it.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    /// The weight `(out, in)`.
+    pub weight: Tensor,
+    /// The LoRA adapter, if one is attached.
+    pub adapter: Option<super::lora::Adapter>,
+}
+
+impl Projection {
+    /// Loads `{vb}.weight` of shape `(out, in)`.
+    ///
+    /// Errors: [`crate::Error::Candle`] when the tensor is missing or misshapen.
+    pub fn load(vb: candle_nn::VarBuilder, out: usize, inp: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out, inp), "weight")?,
+            adapter: None,
+        })
+    }
+
+    /// `x·Wᵀ (+ adapter)`: `x` `(..., in)` -> `(..., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = linear(x, &self.weight)?;
+        match &self.adapter {
+            None => Ok(y),
+            Some(adapter) => {
+                let dims = y.dims().to_vec();
+                let inp = x.dim(candle_core::D::Minus1)?;
+                let low = adapter.forward(&x.reshape(((), inp))?)?;
+                Ok((y + low.reshape(dims)?)?)
+            }
+        }
+    }
+
+    /// Attaches a LoRA adapter read or created from `vb` (`...q_proj`: `lora_a`, `lora_b`).
+    ///
+    /// Errors: [`crate::Error::Candle`] when a stored adapter tensor is misshapen.
+    pub fn attach_lora(
+        &mut self,
+        vb: candle_nn::VarBuilder,
+        cfg: &super::lora::LoraConfig,
+    ) -> Result<()> {
+        let (out, inp) = self.weight.dims2()?;
+        self.adapter = Some(super::lora::Adapter::load(vb, out, inp, cfg)?);
+        Ok(())
+    }
+
+    /// The weight with the adapter (if any) merged in, `(out, in)` in the weight's dtype.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.adapter {
+            None => Ok(self.weight.clone()),
+            Some(adapter) => adapter.merge_into(&self.weight),
+        }
+    }
+}

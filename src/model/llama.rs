@@ -3,6 +3,7 @@
 use super::attention::attention_mask;
 use super::batch::Batch;
 use super::block::Block;
+use super::lora::LoraConfig;
 use super::ops::rms_norm;
 use super::rope::RotaryEmbedding;
 use crate::checkpoint::Checkpoint;
@@ -124,6 +125,40 @@ impl Llama {
         Ok(())
     }
 
+    /// Attaches a LoRA adapter to every projection of every layer, read or created from
+    /// `vb` (`model.layers.{i}.self_attn.q_proj.lora_a`, ...; a `VarMap`-backed `vb` makes
+    /// them trainable). The embedding, norms and `lm_head` get none.
+    ///
+    /// Errors: [`Error::InvalidArgument`] from [`LoraConfig::validate`];
+    /// [`Error::Candle`] when a stored adapter tensor is misshapen.
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, vb: VarBuilder) -> Result<()> {
+        cfg.validate(self.config.hidden_size)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.attach_lora(vb.pp(format!("model.layers.{i}")), cfg)?;
+        }
+        Ok(())
+    }
+
+    /// The projection weights with their adapters merged in, by HF name
+    /// (`model.layers.{i}.self_attn.q_proj.weight`, ...), only for projections that carry an
+    /// adapter. Each is `(out, in)` in the model dtype.
+    ///
+    /// Errors: [`Error::Candle`] on a tensor failure.
+    pub fn merged_lora_weights(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, proj) in layer.projections() {
+                if proj.adapter.is_some() {
+                    out.insert(
+                        format!("model.layers.{i}.{name}.weight"),
+                        proj.merged_weight()?,
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Dense forward pass: logits for every position, `(B, T, vocab)`.
     ///
     /// Padding keys are masked, so each row gets the logits it would get alone; logits at
@@ -132,6 +167,14 @@ impl Llama {
     /// Errors: [`Error::SequenceTooLong`] when T exceeds the context;
     /// [`Error::InvalidArgument`] for a token id outside the vocabulary.
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(batch)?)
+    }
+
+    /// As [`forward`](Self::forward), stopping before the final norm and `lm_head`: the
+    /// final residual stream `(B, T, d)`.
+    ///
+    /// Errors: as [`forward`](Self::forward).
+    pub fn forward_hidden(&self, batch: &Batch) -> Result<Tensor> {
         self.check_batch(batch)?;
         let mut x = self.embed(&batch.ids)?;
         let rope = self.rope.at(&batch.positions, self.dtype)?;
@@ -139,6 +182,6 @@ impl Llama {
         for layer in &self.layers {
             x = (&x + layer.delta(&x, &rope, &mask)?)?;
         }
-        self.logits(&x)
+        Ok(x)
     }
 }

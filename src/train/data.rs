@@ -180,6 +180,20 @@ impl Corpus {
         })
     }
 
+    /// Calibration rows: the first `per_source` windows of `seq_len` tokens of every
+    /// source's training split (never its held-out rows), in source order.
+    pub fn calibration_rows(&self, per_source: usize) -> Vec<Vec<u32>> {
+        self.sources
+            .iter()
+            .flat_map(|s| {
+                s.train
+                    .chunks_exact(self.seq_len)
+                    .take(per_source)
+                    .map(<[u32]>::to_vec)
+            })
+            .collect()
+    }
+
     /// Tokens per row.
     pub fn seq_len(&self) -> usize {
         self.seq_len

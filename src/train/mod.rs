@@ -6,4 +6,4 @@ pub mod schedule;
 pub mod trainer;
 
 pub use data::{Corpus, CorpusOptions, SourceSpec};
-pub use trainer::{StepReport, TrainConfig, Trainable, Trainer};
+pub use trainer::{Objective, StepReport, TrainConfig, Trainable, Trainer};

@@ -3,14 +3,15 @@
 use super::data::Corpus;
 use super::optim::{AdamW, AdamWParams};
 use super::schedule::lr_multiplier;
-use crate::checkpoint::converted::converted_checkpoint;
+use crate::checkpoint::converted::{converted_checkpoint, save_converted};
 use crate::checkpoint::export::write_dir_atomically;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::loss;
 use crate::mod_config::{ModConfig, RouterKind};
 use crate::mod_model::{ModModel, Mode};
-use crate::model::{Batch, Llama};
+use crate::model::lora::seeded_lora_a;
+use crate::model::{Batch, Llama, LoraConfig};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -25,10 +26,36 @@ pub enum Trainable {
     /// Only the routers; the base model is frozen (no optimizer state). The default: it
     /// fits a small budget on a CPU and keeps the pretrained model intact.
     Routers,
+    /// Low-rank adapters on every projection plus the routers (LoRA, Hu et al. 2021): the
+    /// base heals around its routing at a fraction of the optimizer state; adapters are
+    /// merged into the weights when the converted model is saved.
+    Lora,
     /// Every parameter (full-parameter training, as in the MoDification paper, which trained
     /// on about 10 B tokens). Also adapts the model to the corpus, so compare against a dense
     /// model fine-tuned on the same tokens.
     All,
+}
+
+/// What the converted model is trained to match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Next-token cross-entropy on the corpus (the paper's objective). Once base weights
+    /// train, it also fits the corpus (domain adaptation).
+    Lm,
+    /// Self-distillation: per-token `KL(original ‖ converted)`, the original being the
+    /// pretrained model with every gate open (one forward without gradient per step). Keeps
+    /// the converted model a cheaper copy of the original.
+    Kl,
+    /// The sum of both.
+    KlLm,
+}
+
+impl Objective {
+    /// Whether the objective needs the original model's logits.
+    pub fn needs_teacher(&self) -> bool {
+        !matches!(self, Objective::Lm)
+    }
 }
 
 /// Training hyper-parameters. Defaults are the reference prototype's recipe: 80 steps of
@@ -46,6 +73,8 @@ pub struct TrainConfig {
     pub router_lr: f64,
     /// AdamW learning rate of the base weights (with [`Trainable::All`]).
     pub base_lr: f64,
+    /// AdamW learning rate of the LoRA adapters (with [`Trainable::Lora`]).
+    pub lora_lr: f64,
     /// Linear warm-up steps.
     pub warmup_steps: usize,
     /// Final learning rate as a fraction of the peak (cosine decay; 1 = constant).
@@ -58,6 +87,14 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Which parameters train.
     pub trainable: Trainable,
+    /// Adapter rank and scale (with [`Trainable::Lora`]).
+    pub lora: LoraConfig,
+    /// What the converted model is trained to match.
+    pub objective: Objective,
+    /// Target compute fraction of the dense model (whole model, inference FLOPs): the load
+    /// term pushes every gate while the pass spends more (one budget for all routed
+    /// layers). Takes precedence over `target_kept`.
+    pub target_compute: Option<f64>,
     /// Target kept fraction: the load term pushes only while the kept fraction is above it
     /// (mean over routed layers, or per layer with `target_per_layer`).
     pub target_kept: Option<f64>,
@@ -75,12 +112,16 @@ impl Default for TrainConfig {
             grad_accum: 1,
             router_lr: 1e-3,
             base_lr: 3e-5,
+            lora_lr: 2e-4,
             warmup_steps: 0,
             min_lr_ratio: 1.0,
             weight_decay: 0.0,
             grad_clip: Some(1.0),
             seed: 2,
             trainable: Trainable::Routers,
+            lora: LoraConfig::default(),
+            objective: Objective::Lm,
+            target_compute: None,
             target_kept: None,
             target_per_layer: false,
             topk_aux_weight: 0.1,
@@ -92,19 +133,29 @@ impl TrainConfig {
     /// Checks ranges.
     ///
     /// Errors: [`Error::InvalidArgument`] for zero steps / batch / accumulation, a
-    /// non-positive learning rate, a target outside (0, 1] or a non-positive clip norm.
+    /// non-positive learning rate, a target (kept or compute fraction) outside (0, 1], a
+    /// non-positive clip norm, or a LoRA rank of 0 (the rank's upper bound, the hidden size,
+    /// is checked by [`Trainer::new`]).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
             return bad("steps, batch_size and grad_accum must be positive".into());
         }
-        if !(self.router_lr > 0.0) || !(self.base_lr > 0.0) {
+        if !(self.router_lr > 0.0) || !(self.base_lr > 0.0) || !(self.lora_lr > 0.0) {
             return bad("learning rates must be positive".into());
         }
         if let Some(t) = self.target_kept {
             if !(t > 0.0 && t <= 1.0) {
                 return bad(format!("target kept fraction {t} is outside (0, 1]"));
             }
+        }
+        if let Some(t) = self.target_compute {
+            if !(t > 0.0 && t <= 1.0) {
+                return bad(format!("target compute fraction {t} is outside (0, 1]"));
+            }
+        }
+        if self.trainable == Trainable::Lora {
+            self.lora.validate(usize::MAX)?;
         }
         if let Some(c) = self.grad_clip {
             if !(c > 0.0) {
@@ -128,6 +179,10 @@ pub struct StepReport {
     pub step: usize,
     /// Mean LM cross-entropy over the step's micro-batches.
     pub lm_loss: f64,
+    /// Mean distillation KL (0 for the LM objective).
+    pub kl_loss: f64,
+    /// Compute fraction of the converted model on the step's tokens (inference FLOPs).
+    pub compute_fraction: f64,
     /// Mean load-reducing loss.
     pub load_loss: f64,
     /// Mean top-k auxiliary predictor loss (0 for threshold-p).
@@ -152,6 +207,9 @@ impl StepReport {
 /// Trains a [`ModModel`] made from a pretrained checkpoint.
 pub struct Trainer {
     model: ModModel,
+    /// The original model (every gate open, no adapter) for the distillation objective:
+    /// it shares the checkpoint's tensors, so it costs no weight memory.
+    teacher: Option<Llama>,
     opt: AdamW,
     base: Checkpoint,
     config: TrainConfig,
@@ -169,10 +227,14 @@ impl Trainer {
     pub fn new(base: &Checkpoint, mod_config: ModConfig, config: TrainConfig) -> Result<Self> {
         config.validate()?;
         base.validate()?;
+        mod_config.validate_fresh(base.config.num_hidden_layers)?;
+        if config.trainable == Trainable::Lora {
+            config.lora.validate(base.config.hidden_size)?;
+        }
         let device = base.device();
         let varmap = VarMap::new();
         let base_vb = match config.trainable {
-            Trainable::Routers => {
+            Trainable::Routers | Trainable::Lora => {
                 VarBuilder::from_tensors(base.tensors.clone(), base.dtype(), &device)
             }
             Trainable::All => {
@@ -184,7 +246,25 @@ impl Trainer {
                 VarBuilder::from_varmap(&varmap, base.dtype(), &device)
             }
         };
-        let llama = Llama::load(&base.config, base_vb)?;
+        let mut llama = Llama::load(&base.config, base_vb)?;
+        if config.trainable == Trainable::Lora {
+            llama.attach_lora(
+                &config.lora,
+                VarBuilder::from_varmap(&varmap, DType::F32, &device),
+            )?;
+            // A starts random (seeded), B at zero: the adapters change nothing at step 0.
+            for (name, var) in varmap.data().lock().map_err(|_| poisoned())?.iter() {
+                if name.ends_with(".lora_a") {
+                    let a = seeded_lora_a(var.as_tensor().dims2()?, config.seed, name)?;
+                    var.set(&a.to_device(&device)?)?;
+                }
+            }
+        }
+        let teacher = if config.objective.needs_teacher() {
+            Some(Llama::from_checkpoint(base)?)
+        } else {
+            None
+        };
         let model = ModModel::new(
             llama,
             mod_config,
@@ -198,6 +278,8 @@ impl Trainer {
             .map(|(name, var)| {
                 let lr = if name.contains(".router.") {
                     config.router_lr
+                } else if name.ends_with(".lora_a") || name.ends_with(".lora_b") {
+                    config.lora_lr
                 } else {
                     config.base_lr
                 };
@@ -212,6 +294,7 @@ impl Trainer {
         let opt = AdamW::new(vars, params)?;
         Ok(Self {
             model,
+            teacher,
             opt,
             base: base.clone(),
             config,
@@ -234,7 +317,9 @@ impl Trainer {
         &self.config
     }
 
-    /// The trained tensors by name (routers, and base weights with [`Trainable::All`]).
+    /// The trained tensors by name, as the optimizer holds them: routers, LoRA adapters
+    /// (`...q_proj.lora_a`, `lora_b`) with [`Trainable::Lora`], base weights with
+    /// [`Trainable::All`].
     pub fn trained_tensors(&self) -> HashMap<String, Tensor> {
         self.opt
             .vars()
@@ -242,11 +327,35 @@ impl Trainer {
             .collect()
     }
 
-    /// The converted checkpoint as it stands (base tensors with the trained ones over them).
+    /// The tensors a converted model replaces in the base checkpoint: routers, and base
+    /// weights (trained, or with their LoRA adapters merged in).
+    ///
+    /// Errors: [`Error::Candle`] when merging fails.
+    pub fn converted_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = self
+            .trained_tensors()
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with(".lora_a") && !name.ends_with(".lora_b"))
+            .collect();
+        out.extend(self.model.base().merged_lora_weights()?);
+        Ok(out)
+    }
+
+    /// The converted checkpoint as it stands (base tensors with the converted ones over
+    /// them, see [`converted_tensors`](Self::converted_tensors)).
     ///
     /// Errors: see [`converted_checkpoint`].
     pub fn converted(&self) -> Result<Checkpoint> {
-        converted_checkpoint(&self.base, &self.trained_tensors(), self.model.config())
+        converted_checkpoint(&self.base, &self.converted_tensors()?, self.model.config())
+    }
+
+    /// Writes the converted model as it stands to `dir` (HF layout, atomically), with `config`
+    /// as its `mod` section (the trained model's own, or a calibrated one).
+    ///
+    /// Errors: those of [`converted_tensors`](Self::converted_tensors) and
+    /// [`save_converted`].
+    pub fn save_converted(&self, dir: &Path, config: &ModConfig) -> Result<()> {
+        save_converted(dir, &self.base, &self.converted_tensors()?, config)
     }
 
     /// One optimisation step on the micro-batches of step `self.step()` of `corpus`.
@@ -261,21 +370,49 @@ impl Trainer {
         let max_len = self.base.config.max_position_embeddings;
         let pad = self.base.config.eos_token_id.unwrap_or(0);
         let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let (mut lm_sum, mut load_sum, mut aux_sum, mut tokens) = (0.0, 0.0, 0.0, 0);
+        let (mut lm_sum, mut kl_sum, mut load_sum, mut aux_sum, mut tokens) =
+            (0.0, 0.0, 0.0, 0.0, 0);
+        let mut compute = 0.0;
         let mut kept = Vec::new();
         for micro in 0..cfg.grad_accum {
             let rows = corpus.train_batch(cfg.seed, self.step, micro, cfg.batch_size);
             let batch = Batch::from_rows(&rows, pad, max_len, &device)?;
             tokens += batch.num_tokens();
-            let out = self.model.forward(&batch, Mode::Training)?;
-            let lm = loss::lm_loss(&out.logits, &batch.ids, &batch.valid)?;
-            let mut total = lm.clone();
+            let out = self.model.forward_hidden(&batch, Mode::Training)?;
+            let teacher_hidden = match &self.teacher {
+                Some(teacher) => Some((teacher, teacher.forward_hidden(&batch)?)),
+                None => None,
+            };
+            let terms = loss::chunked_objective(
+                self.model.base(),
+                &out.hidden,
+                teacher_hidden.as_ref().map(|(m, h)| (*m, h)),
+                &batch.ids,
+                &batch.valid,
+            )?;
+            let lm = terms.lm_loss()?;
+            let kl = terms.kl_loss()?;
+            if let Some(kl) = &kl {
+                kl_sum += kl.to_scalar::<f32>()? as f64;
+            }
+            let mut total = match (cfg.objective, kl) {
+                (Objective::Kl, Some(kl)) => kl,
+                (Objective::KlLm, Some(kl)) => (&lm + kl)?,
+                _ => lm.clone(),
+            };
+            compute += out.compute_fraction() / cfg.grad_accum as f64;
             if !out.stats.is_empty() {
-                let load = match cfg.target_kept {
-                    Some(t) => {
+                let load = match (cfg.target_compute, cfg.target_kept) {
+                    (Some(t), _) => loss::compute_budget_loss(
+                        &out.stats,
+                        mod_cfg.alpha,
+                        out.compute_fraction(),
+                        t,
+                    )?,
+                    (None, Some(t)) => {
                         loss::target_load_loss(&out.stats, mod_cfg.alpha, t, cfg.target_per_layer)?
                     }
-                    None => loss::load_reducing_loss(&out.stats, mod_cfg.alpha)?,
+                    (None, None) => loss::load_reducing_loss(&out.stats, mod_cfg.alpha)?,
                 };
                 load_sum += load.to_scalar::<f32>()? as f64;
                 total = (total + load)?;
@@ -341,6 +478,8 @@ impl Trainer {
         Ok(StepReport {
             step: self.step,
             lm_loss: lm_sum / n,
+            kl_loss: kl_sum / n,
+            compute_fraction: compute,
             load_loss: load_sum / n,
             aux_loss: aux_sum / n,
             kept_fraction: kept,

@@ -1,0 +1,154 @@
+//! Calibrating a converted model's operating point: after training, move every routed
+//! layer's threshold (or top-k's capacity) so that the measured compute on calibration rows
+//! lands on a target fraction of the dense model's FLOPs.
+//!
+//! Training pushes towards the budget (see [`crate::loss::compute_budget_loss`]) but ends
+//! wherever the last steps left it; calibration closes the gap with one scalar, measured on
+//! rows from the training split (never on held-out text).
+
+use crate::error::{Error, Result};
+use crate::mod_config::RouterKind;
+use crate::mod_model::{ModModel, Mode};
+use crate::model::Batch;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The outcome of [`calibrate_compute`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Calibration {
+    /// The target compute fraction.
+    pub target: f64,
+    /// Compute fraction measured on the calibration rows with the calibrated operator.
+    pub compute_fraction: f64,
+    /// Smallest and largest compute fraction the operator can reach on these rows.
+    pub reachable: (f64, f64),
+    /// Threshold-p: the shift δ added to every layer's threshold in logit space,
+    /// `p_j ← sigmoid(logit(p_j) + δ)`. Top-k: the calibrated capacity.
+    pub setting: f64,
+}
+
+/// Bisection steps; each is one inference forward over the calibration rows.
+const STEPS: usize = 10;
+/// Stop once the measured compute is this close to the target.
+const TOLERANCE: f64 = 2e-3;
+/// Extreme logit shift: thresholds within about 1e-11 of 0 or 1.
+const MAX_SHIFT: f64 = 25.0;
+
+/// Calibrates `model` so that its compute fraction (whole model, inference FLOPs, as
+/// [`crate::ModOutput::compute_fraction`]) on `rows` is `target`. Threshold-p models get one
+/// shift δ of every routed layer's threshold in logit space (recorded as per-layer p in the
+/// config); top-k models get a capacity. Returns the calibrated model (weights shared with
+/// `model`) and what was measured.
+///
+/// `rows`: token rows (each at least 2 tokens; padded into one batch), from the training
+/// split.
+///
+/// Errors: [`Error::InvalidArgument`] for a target outside (0, 1] or no rows;
+/// [`Error::UnreachableTarget`] with the reachable range when no setting reaches the target;
+/// the errors of [`ModModel::forward`].
+pub fn calibrate_compute(
+    model: &ModModel,
+    rows: &[Vec<u32>],
+    target: f64,
+) -> Result<(ModModel, Calibration)> {
+    if !(target > 0.0 && target <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "target compute fraction {target} is outside (0, 1]"
+        )));
+    }
+    if rows.is_empty() {
+        return Err(Error::InvalidArgument("no calibration rows".to_string()));
+    }
+    let base = model.base();
+    let batch = Batch::from_rows(
+        rows,
+        0,
+        base.config().max_position_embeddings,
+        base.device(),
+    )?;
+    let layers = model.routers().keys().copied().collect::<Vec<_>>();
+    // Each operator as a function of one scalar whose compute fraction rises with it.
+    let (lo, hi, make): (f64, f64, Box<dyn Fn(f64) -> RouterKind>) = match &model.config().router
+    {
+        RouterKind::ThresholdP { .. } => {
+            let start: BTreeMap<usize, f64> = layers
+                .iter()
+                .map(|&j| (j, model.config().threshold_for(j).unwrap_or(0.5)))
+                .collect();
+            let global = logit(model.config().threshold_for(usize::MAX).unwrap_or(0.5));
+            // The rising scalar is −δ: a lower threshold keeps more tokens.
+            let make = move |neg_shift: f64| RouterKind::ThresholdP {
+                p: shifted(global, -neg_shift),
+                per_layer: start
+                    .iter()
+                    .map(|(&j, &p)| (j, shifted(logit(p), -neg_shift)))
+                    .collect(),
+            };
+            (-MAX_SHIFT, MAX_SHIFT, Box::new(make))
+        }
+        RouterKind::TopK { .. } => {
+            let smallest = 1.0 / batch.seq_len().max(1) as f64;
+            (
+                smallest,
+                1.0,
+                Box::new(|capacity: f64| RouterKind::TopK { capacity }),
+            )
+        }
+    };
+    let measure = |s: f64| -> Result<(ModModel, f64)> {
+        let m = model.with_router(make(s))?;
+        let c = m.forward(&batch, Mode::Inference)?.compute_fraction();
+        Ok((m, c))
+    };
+    let (mut low, mut c_low) = measure(lo)?;
+    let (mut high, mut c_high) = measure(hi)?;
+    let reachable = (c_low, c_high);
+    if target < c_low - TOLERANCE || target > c_high + TOLERANCE {
+        return Err(Error::UnreachableTarget {
+            target,
+            min: c_low,
+            max: c_high,
+        });
+    }
+    let (mut s_low, mut s_high) = (lo, hi);
+    for _ in 0..STEPS {
+        if (c_low - target).abs() <= TOLERANCE || (c_high - target).abs() <= TOLERANCE {
+            break;
+        }
+        let mid = 0.5 * (s_low + s_high);
+        let (m, c) = measure(mid)?;
+        if c > target {
+            (high, c_high, s_high) = (m, c, mid);
+        } else {
+            (low, c_low, s_low) = (m, c, mid);
+        }
+    }
+    let (chosen, compute, setting) = if (c_low - target).abs() <= (c_high - target).abs() {
+        (low, c_low, s_low)
+    } else {
+        (high, c_high, s_high)
+    };
+    let setting = match model.config().router {
+        RouterKind::ThresholdP { .. } => -setting,
+        RouterKind::TopK { .. } => setting,
+    };
+    Ok((
+        chosen,
+        Calibration {
+            target,
+            compute_fraction: compute,
+            reachable,
+            setting,
+        },
+    ))
+}
+
+fn logit(p: f64) -> f64 {
+    (p / (1.0 - p)).ln()
+}
+
+/// `sigmoid(z + δ)`, kept strictly inside (0, 1).
+fn shifted(z: f64, delta: f64) -> f64 {
+    let p = 1.0 / (1.0 + (-(z + delta)).exp());
+    p.clamp(1e-12, 1.0 - 1e-12)
+}
