@@ -2,22 +2,24 @@
 //!
 //! ```text
 //! cargo run --release --example convert -- [--model M] [--data DIR] [--out DIR] \
-//!     [--router threshold --p 0.5 | --router topk --capacity 0.5] [--alpha 0.01] \
-//!     [--target-kept F] [--kv skip|keep] [--train routers|all] [--dense-baseline] \
+//!     [--router threshold --p 0.5 | --router topk --capacity 0.5] [--layers odd|all] \
+//!     [--kv skip|keep] [--train routers|lora|all] [--objective lm|kl|kl-lm] \
+//!     [--target-compute F | --target-kept F | --alpha A] [--dense-baseline] \
 //!     [--steps N] [--seq-len T] [--json]
 //! ```
-//! Evaluates the original model on each source's held-out rows, trains the routers (or the
-//! whole model) with the LM loss plus the load-reducing objective, evaluates the converted
-//! model, saves it to `--out` and prints what it saves and costs.
+//! Evaluates the original model on each source's held-out rows, trains the routers (and
+//! LoRA adapters, or the whole model) with the chosen objective plus the load-reducing
+//! term, calibrates the thresholds to `--target-compute` on training rows, evaluates the
+//! converted model, saves it to `--out` and prints what it saves and costs.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use modification::calibrate::calibrate_compute;
-use modification::model::LoraConfig;
 use modification::eval::{self, RoutedEval};
 use modification::mod_config::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
+use modification::model::LoraConfig;
 use modification::train::{
     Corpus, CorpusOptions, Objective, SourceSpec, TrainConfig, Trainable, Trainer,
 };
@@ -107,8 +109,11 @@ struct Args {
     /// for all routed layers during training, then thresholds calibrated on training rows.
     #[arg(long)]
     target_compute: Option<f64>,
+    /// Fraction of the steps over which the compute budget falls from 1 to --target-compute.
+    #[arg(long, default_value_t = 0.5)]
+    budget_ramp: f64,
     /// Calibration rows per source (from the training split) for --target-compute.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     calibration_rows: usize,
     /// LoRA rank (with --train lora).
     #[arg(long, default_value_t = 8)]
@@ -418,8 +423,8 @@ fn main() -> Result<()> {
         }
     }
     let skip = 1.0 - kept_per_layer.values().sum::<f64>() / kept_per_layer.len().max(1) as f64;
-    let compute_heldout = converted.values().map(|c| c.compute_fraction).sum::<f64>()
-        / converted.len().max(1) as f64;
+    let compute_heldout =
+        converted.values().map(|c| c.compute_fraction).sum::<f64>() / converted.len().max(1) as f64;
     let kv_heldout =
         converted.values().map(|c| c.kv_fraction).sum::<f64>() / converted.len().max(1) as f64;
     let mean_ratio = original
@@ -533,11 +538,13 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
             GateInput::Residual
         },
         gate_init_bias: args.gate_bias,
-        alpha: args.alpha.unwrap_or(if args.target_kept.is_some() || args.target_compute.is_some() {
-            0.1
-        } else {
-            0.01
-        }),
+        alpha: args.alpha.unwrap_or(
+            if args.target_kept.is_some() || args.target_compute.is_some() {
+                0.1
+            } else {
+                0.01
+            },
+        ),
         sink_tokens: args.sinks,
         ..ModConfig::default()
     };
@@ -566,6 +573,7 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
             ObjectiveArg::KlLm => Objective::KlLm,
         },
         target_compute: args.target_compute,
+        budget_ramp: args.budget_ramp,
         target_kept: args.target_kept,
         target_per_layer: args.target_per_layer,
         ..TrainConfig::default()

@@ -27,8 +27,8 @@ pub struct Calibration {
     pub setting: f64,
 }
 
-/// Bisection steps; each is one inference forward over the calibration rows.
-const STEPS: usize = 10;
+/// Search steps at most; each is one inference forward over the calibration rows.
+const STEPS: usize = 24;
 /// Stop once the measured compute is this close to the target.
 const TOLERANCE: f64 = 2e-3;
 /// Extreme logit shift: thresholds within about 1e-11 of 0 or 1.
@@ -68,8 +68,7 @@ pub fn calibrate_compute(
     )?;
     let layers = model.routers().keys().copied().collect::<Vec<_>>();
     // Each operator as a function of one scalar whose compute fraction rises with it.
-    let (lo, hi, make): (f64, f64, Box<dyn Fn(f64) -> RouterKind>) = match &model.config().router
-    {
+    let (lo, hi, make): (f64, f64, Box<dyn Fn(f64) -> RouterKind>) = match &model.config().router {
         RouterKind::ThresholdP { .. } => {
             let start: BTreeMap<usize, f64> = layers
                 .iter()
@@ -110,17 +109,34 @@ pub fn calibrate_compute(
             max: c_high,
         });
     }
+    // Regula falsi with the Illinois correction: the compute fraction is monotone and
+    // nearly linear in the setting, so this converges in a few forwards where bisection
+    // over the full range needs twenty.
     let (mut s_low, mut s_high) = (lo, hi);
+    let mut last_side = 0i8;
+    let (mut f_low, mut f_high) = (c_low - target, c_high - target);
     for _ in 0..STEPS {
-        if (c_low - target).abs() <= TOLERANCE || (c_high - target).abs() <= TOLERANCE {
+        if f_low.abs() <= TOLERANCE || f_high.abs() <= TOLERANCE || s_high - s_low < 1e-9 {
             break;
         }
-        let mid = 0.5 * (s_low + s_high);
+        let mut mid = (s_low * f_high - s_high * f_low) / (f_high - f_low);
+        if !(mid > s_low && mid < s_high) {
+            mid = 0.5 * (s_low + s_high);
+        }
         let (m, c) = measure(mid)?;
-        if c > target {
-            (high, c_high, s_high) = (m, c, mid);
+        let f = c - target;
+        if f > 0.0 {
+            (high, c_high, s_high, f_high) = (m, c, mid, f);
+            if last_side == 1 {
+                f_low /= 2.0;
+            }
+            last_side = 1;
         } else {
-            (low, c_low, s_low) = (m, c, mid);
+            (low, c_low, s_low, f_low) = (m, c, mid, f);
+            if last_side == -1 {
+                f_high /= 2.0;
+            }
+            last_side = -1;
         }
     }
     let (chosen, compute, setting) = if (c_low - target).abs() <= (c_high - target).abs() {

@@ -3,13 +3,18 @@
 /// Makes glibc's malloc keep freed memory for reuse instead of returning it to the OS.
 ///
 /// candle allocates a fresh buffer for every op's output. With glibc's defaults, buffers
-/// above 128 KiB are `mmap`ed and unmapped on free, so every op page-faults its output
-/// into existence: measured here, a quarter of a training step went to zeroing fresh
-/// pages. Raising the mmap threshold (to 32 MiB), the trim threshold and the top pad
-/// lets freed buffers be reused; a training step's backward pass ran 1.3-2x faster.
+/// above 128 KiB are `mmap`ed and unmapped on free, and the heap is trimmed whenever its
+/// free top grows past a threshold, so every op page-faults (and the kernel zeroes) its
+/// output into existence. Measured on a 2-core machine: 7.7 M page faults in three
+/// training steps of SmolLM2-135M, `clear_page` 31% of all cycles, 19 s a step. Here
+/// `mmap` is disabled for the heap (`M_MMAP_MAX = 0`; the mmap threshold caps at 32 MiB,
+/// below a 200 MiB logits tensor), trimming is disabled (`M_TRIM_THRESHOLD = -1`: a
+/// backward pass frees gigabytes at once, which a finite threshold hands back to the OS
+/// every step) and the heap grows in 1 GiB steps: 10.5 s a step.
 ///
-/// Call it once at the start of `main`, before tensors are allocated. It affects the
-/// whole process; it does nothing on platforms other than Linux with glibc.
+/// The process keeps its peak heap for its lifetime. Call it once at the start of `main`,
+/// before tensors are allocated. It affects the whole process; it does nothing on
+/// platforms other than Linux with glibc.
 pub fn tune_malloc_for_tensors() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; called before any

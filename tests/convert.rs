@@ -9,20 +9,9 @@ use modification::mod_config::RouterKind;
 use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainer};
 use modification::{Batch, Checkpoint, Error, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 
 fn corpus() -> &'static Corpus {
-    static CORPUS: OnceLock<Corpus> = OnceLock::new();
-    CORPUS.get_or_init(|| {
-        let specs = SourceSpec::folders_of(&common::root().join("assets/corpus")).unwrap();
-        let opts = CorpusOptions {
-            seq_len: 48,
-            heldout_rows: 2,
-            max_chars_per_source: 20_000,
-            seed: 1,
-        };
-        Corpus::load(&specs, &common::smollm2().tokenizer, 2, &opts).unwrap()
-    })
+    common::small_corpus()
 }
 
 fn small_run(steps: usize) -> TrainConfig {

@@ -367,17 +367,13 @@ impl ModModel {
             Mode::Inference => match Dispatch::new(&sel, x.device(), dtype)? {
                 None => (x.clone(), 0.0),
                 Some(dispatch) => {
-                    let k = dispatch.width();
                     let xk = dispatch.gather(x)?;
                     let pos_k = dispatch.gather_tokens(&batch.positions)?;
                     let rope_k: RopeAt = self.base.rope.at(&pos_k, dtype)?;
-                    let (delta, flops) = match self.config.kv_policy {
+                    let delta = match self.config.kv_policy {
                         KvPolicy::Skip => {
                             let mask = attention_mask(&pos_k, &pos_k, &dispatch.valid, dtype)?;
-                            (
-                                layer.delta(&xk, &rope_k, &mask)?,
-                                layer_flops(ctx.cfg, b * k, b * k, b * k * k),
-                            )
+                            layer.delta(&xk, &rope_k, &mask)?
                         }
                         KvPolicy::Keep => {
                             let normed = layer.normed_input(x)?;
@@ -385,11 +381,11 @@ impl ModModel {
                             let mask =
                                 attention_mask(&pos_k, &batch.positions, &batch.valid, dtype)?;
                             let normed_k = dispatch.gather(&normed)?;
-                            let delta =
-                                layer.delta_with_kv(&xk, &normed_k, &rope_k, &kk, &vv, &mask)?;
-                            (delta, layer_flops(ctx.cfg, b * k, b * t, b * k * t))
+                            layer.delta_with_kv(&xk, &normed_k, &rope_k, &kk, &vv, &mask)?
                         }
                     };
+                    // Counted per row, without the padding slots of the dispatch.
+                    let flops = sparse_layer_flops(ctx.cfg, &sel, t, self.config.kv_policy);
                     let wk = dispatch.gather_tokens(&w)?.to_dtype(dtype)?.unsqueeze(2)?;
                     (dispatch.add_back(x, &delta.broadcast_mul(&wk)?)?, flops)
                 }
@@ -431,7 +427,9 @@ struct LayerInput<'a> {
     cfg: &'a LlamaConfig,
 }
 
-/// FLOPs of a routed layer that computes the selected tokens only, rows unpadded: `Skip`
+/// FLOPs of a routed layer that computes the selected tokens only, each row counted
+/// without the padding slots a batched dispatch adds (the model's compute, not the
+/// batch's): `Skip`
 /// attends kept queries to kept keys; `Keep` attends kept queries to every token, which
 /// all still write K/V.
 fn sparse_layer_flops(cfg: &LlamaConfig, sel: &Selection, t: usize, policy: KvPolicy) -> f64 {

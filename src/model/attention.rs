@@ -51,11 +51,15 @@ impl Attention {
     /// cache stores them.
     pub fn key_values(&self, x: &Tensor, rope: &RopeAt) -> Result<(Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
-        let k = self.k_proj.forward(x)?
+        let k = self
+            .k_proj
+            .forward(x)?
             .reshape((b, t, self.n_kv_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = self.v_proj.forward(x)?
+        let v = self
+            .v_proj
+            .forward(x)?
             .reshape((b, t, self.n_kv_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -74,7 +78,9 @@ impl Attention {
         mask: &Tensor,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let q = self.q_proj.forward(x)?
+        let q = self
+            .q_proj
+            .forward(x)?
             .reshape((b, t, self.n_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;

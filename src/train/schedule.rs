@@ -1,4 +1,5 @@
-//! Learning-rate schedule: linear warm-up, then cosine decay.
+//! Schedules: the learning rate (linear warm-up, then cosine decay) and the compute
+//! budget (lowered gradually from the dense model's to the target).
 
 /// The learning-rate multiplier at optimisation step `step` (0-based) of `total`: rises
 /// linearly from `1/(warmup+1)` to 1 over `warmup` steps, then follows a cosine from 1 down
@@ -12,9 +13,30 @@ pub fn lr_multiplier(step: usize, total: usize, warmup: usize, min_ratio: f64) -
     min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
+/// The compute budget at optimisation step `step` (0-based) of `total`: lowered linearly
+/// from 1 (the dense model) to `target` over the first `ramp` fraction of the steps, then
+/// held. Routers learn which tokens matter while few are skipped, instead of skipping
+/// arbitrary tokens at once.
+pub fn compute_budget(step: usize, total: usize, target: f64, ramp: f64) -> f64 {
+    let ramp_steps = (ramp * total as f64).round();
+    if ramp_steps < 1.0 {
+        return target;
+    }
+    let progress = ((step + 1) as f64 / ramp_steps).min(1.0);
+    1.0 - (1.0 - target) * progress
+}
+
 #[cfg(test)]
 mod tests {
-    use super::lr_multiplier;
+    use super::{compute_budget, lr_multiplier};
+
+    #[test]
+    fn compute_budget_ramps_down_then_holds() {
+        assert!((compute_budget(0, 10, 0.8, 0.5) - 0.96).abs() < 1e-12);
+        assert!((compute_budget(4, 10, 0.8, 0.5) - 0.8).abs() < 1e-12);
+        assert!((compute_budget(9, 10, 0.8, 0.5) - 0.8).abs() < 1e-12);
+        assert_eq!(compute_budget(0, 10, 0.8, 0.0), 0.8);
+    }
 
     #[test]
     fn warmup_then_cosine_reaches_the_floor_at_the_last_step() {

@@ -2,7 +2,7 @@
 
 use super::data::Corpus;
 use super::optim::{AdamW, AdamWParams};
-use super::schedule::lr_multiplier;
+use super::schedule::{compute_budget, lr_multiplier};
 use crate::checkpoint::converted::{converted_checkpoint, save_converted};
 use crate::checkpoint::export::write_dir_atomically;
 use crate::checkpoint::Checkpoint;
@@ -95,6 +95,9 @@ pub struct TrainConfig {
     /// term pushes every gate while the pass spends more (one budget for all routed
     /// layers). Takes precedence over `target_kept`.
     pub target_compute: Option<f64>,
+    /// Fraction of the steps over which the compute budget is lowered from 1 to
+    /// `target_compute` (0 = the target from the first step).
+    pub budget_ramp: f64,
     /// Target kept fraction: the load term pushes only while the kept fraction is above it
     /// (mean over routed layers, or per layer with `target_per_layer`).
     pub target_kept: Option<f64>,
@@ -122,6 +125,7 @@ impl Default for TrainConfig {
             lora: LoraConfig::default(),
             objective: Objective::Lm,
             target_compute: None,
+            budget_ramp: 0.5,
             target_kept: None,
             target_per_layer: false,
             topk_aux_weight: 0.1,
@@ -153,6 +157,12 @@ impl TrainConfig {
             if !(t > 0.0 && t <= 1.0) {
                 return bad(format!("target compute fraction {t} is outside (0, 1]"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.budget_ramp) {
+            return bad(format!(
+                "budget_ramp {} is outside [0, 1]",
+                self.budget_ramp
+            ));
         }
         if self.trainable == Trainable::Lora {
             self.lora.validate(usize::MAX)?;
@@ -407,7 +417,7 @@ impl Trainer {
                         &out.stats,
                         mod_cfg.alpha,
                         out.compute_fraction(),
-                        t,
+                        compute_budget(self.step, cfg.steps, t, cfg.budget_ramp),
                     )?,
                     (None, Some(t)) => {
                         loss::target_load_loss(&out.stats, mod_cfg.alpha, t, cfg.target_per_layer)?

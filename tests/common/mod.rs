@@ -73,3 +73,20 @@ pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// The five-source corpus in short rows (48 tokens, 2 held-out rows per source, 20 k
+/// characters per source), tokenized once per test binary.
+pub fn small_corpus() -> &'static modification::train::Corpus {
+    use modification::train::{Corpus, CorpusOptions, SourceSpec};
+    static CORPUS: OnceLock<Corpus> = OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let specs = SourceSpec::folders_of(&root().join("assets/corpus")).unwrap();
+        let opts = CorpusOptions {
+            seq_len: 48,
+            heldout_rows: 2,
+            max_chars_per_source: 20_000,
+            seed: 1,
+        };
+        Corpus::load(&specs, &smollm2().tokenizer, 2, &opts).unwrap()
+    })
+}
