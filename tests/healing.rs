@@ -123,24 +123,11 @@ fn kl_is_zero_with_every_gate_open_and_routers_feel_only_the_load_term() {
     assert!(kl_value.abs() < 1e-5, "KL with every gate open: {kl_value}");
 
     let load = loss::load_reducing_loss(&out.stats, 0.01).unwrap();
-    let var = |name: &str| varmap.data().lock().unwrap()[name].clone();
-    let w = var("model.layers.5.router.weight");
-    let g_load = load.backward().unwrap().get(w.as_tensor()).unwrap().clone();
-    let g_both = (&kl + &load)
-        .unwrap()
-        .backward()
-        .unwrap()
-        .get(w.as_tensor())
-        .unwrap()
-        .clone();
-    let g_lm = terms
-        .lm_loss()
-        .unwrap()
-        .backward()
-        .unwrap()
-        .get(w.as_tensor())
-        .unwrap()
-        .clone();
+    let w = varmap.data().lock().unwrap()["model.layers.5.router.weight"].clone();
+    let grad_of = |loss: &Tensor| loss.backward().unwrap().get(w.as_tensor()).unwrap().clone();
+    let g_load = grad_of(&load);
+    let g_both = grad_of(&(&kl + &load).unwrap());
+    let g_lm = grad_of(&terms.lm_loss().unwrap());
     let diff = grad_norm(&(&g_both - &g_load).unwrap());
     // The LM loss does move the router at the same point: the KL's silence is not a
     // missing gradient path.
@@ -383,4 +370,24 @@ fn compute_budget_pushes_every_gate_only_while_over_budget() {
         "{c} vs {}",
         inference.compute_fraction()
     );
+}
+
+#[test]
+fn calibrated_thresholds_above_the_initial_gate_are_valid_for_loaded_models_only() {
+    let mut per_layer = BTreeMap::new();
+    per_layer.insert(3, 0.95);
+    let cfg = ModConfig {
+        router: RouterKind::ThresholdP { p: 0.5, per_layer },
+        ..ModConfig::default()
+    };
+    // A loaded (calibrated) model may carry p = 0.95 > sigmoid(2) = 0.88 ...
+    cfg.validate(30).unwrap();
+    // ... a fresh conversion may not: its first decision would already skip tokens.
+    let err = cfg.validate_fresh(30).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { reason, .. } if reason.contains("0.95")),
+        "{err}"
+    );
+    let err = Trainer::new(common::smollm2(), cfg, lora_run(1)).unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
 }

@@ -180,16 +180,20 @@ impl Corpus {
         })
     }
 
-    /// Calibration rows: the first `per_source` windows of `seq_len` tokens of every
-    /// source's training split (never its held-out rows), in source order.
+    /// Calibration rows: `per_source` windows of `seq_len` tokens spread evenly over every
+    /// source's training split (never its held-out rows), in source order. Evenly spread,
+    /// not the first windows: the start of a source (front matter, a first document) is
+    /// not typical of it.
     pub fn calibration_rows(&self, per_source: usize) -> Vec<Vec<u32>> {
+        let t = self.seq_len;
         self.sources
             .iter()
             .flat_map(|s| {
-                s.train
-                    .chunks_exact(self.seq_len)
-                    .take(per_source)
-                    .map(<[u32]>::to_vec)
+                let span = s.train.len().saturating_sub(t);
+                (0..per_source).map(move |k| {
+                    let start = span * (2 * k + 1) / (2 * per_source.max(1));
+                    s.train[start..start + t].to_vec()
+                })
             })
             .collect()
     }
