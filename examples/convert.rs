@@ -113,7 +113,7 @@ struct Args {
     #[arg(long, default_value_t = 0.5)]
     budget_ramp: f64,
     /// Calibration rows per source (from the training split) for --target-compute.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     calibration_rows: usize,
     /// LoRA rank (with --train lora).
     #[arg(long, default_value_t = 8)]

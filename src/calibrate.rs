@@ -28,7 +28,7 @@ pub struct Calibration {
 }
 
 /// Search steps at most; each is one inference forward over the calibration rows.
-const STEPS: usize = 24;
+const STEPS: usize = 12;
 /// Stop once the measured compute is this close to the target.
 const TOLERANCE: f64 = 2e-3;
 /// Extreme logit shift: thresholds within about 1e-11 of 0 or 1.
@@ -96,7 +96,10 @@ pub fn calibrate_compute(
     };
     let measure = |s: f64| -> Result<(ModModel, f64)> {
         let m = model.with_router(make(s))?;
-        let c = m.forward(&batch, Mode::Inference)?.compute_fraction();
+        // Compute needs the routing decisions only: stop before the (B, T, vocab) logits.
+        let c = m
+            .forward_hidden(&batch, Mode::Inference)?
+            .compute_fraction();
         Ok((m, c))
     };
     let (mut low, mut c_low) = measure(lo)?;
