@@ -4,7 +4,8 @@
 //! cargo run --release --example convert -- [--model M] [--data DIR] [--out DIR] \
 //!     [--router threshold --p 0.5 | --router topk --capacity 0.5] [--layers odd|all] \
 //!     [--kv skip|keep] [--train routers|lora|all] [--objective lm|kl|kl-lm] \
-//!     [--target-compute F | --target-kept F | --alpha A] [--dense-baseline] \
+//!     [--target-compute F | --target-kept F | --alpha A] [--paper-recipe] \
+//!     [--dense-baseline] \
 //!     [--steps N] [--seq-len T] [--json]
 //! ```
 //! Evaluates the original model on each source's held-out rows, trains the routers (and
@@ -73,7 +74,7 @@ struct Args {
     #[arg(long, default_value = "out/smollm2-mod")]
     out: PathBuf,
     /// Routed layers: every other layer starting at 1, or every layer.
-    #[arg(long, value_enum, default_value = "odd")]
+    #[arg(long, value_enum, default_value = "all")]
     layers: LayersArg,
     /// Selection operator: threshold-p (MoDification) or top-k (MoD baseline).
     #[arg(long, value_enum, default_value = "threshold")]
@@ -84,8 +85,8 @@ struct Args {
     /// Capacity C of top-k routers.
     #[arg(long, default_value_t = 0.5)]
     capacity: f64,
-    /// Load-reducing coefficient α (default 0.01; 0.1 with --target-kept, which needs a
-    /// firmer push to reach its target within the budget).
+    /// Load-reducing coefficient α (0.1 with a compute or kept-fraction target, whose
+    /// indicator decides when it pushes; 0.01, the paper's, without one).
     #[arg(long)]
     alpha: Option<f64>,
     /// Target kept fraction (mean over routed layers): the load term pushes only above it.
@@ -95,20 +96,25 @@ struct Args {
     #[arg(long)]
     target_per_layer: bool,
     /// Skipped-token KV policy.
-    #[arg(long, value_enum, default_value = "skip")]
+    #[arg(long, value_enum, default_value = "keep")]
     kv: KvArg,
     /// What trains besides the routers: nothing, LoRA adapters (merged when saving), or
     /// every base weight.
-    #[arg(long, value_enum, default_value = "routers")]
+    #[arg(long, value_enum, default_value = "lora")]
     train: TrainArg,
     /// Training objective: LM loss (the paper), KL to the original model
     /// (self-distillation), or both.
-    #[arg(long, value_enum, default_value = "lm")]
+    #[arg(long, value_enum, default_value = "kl")]
     objective: ObjectiveArg,
     /// Target compute as a fraction of the dense model's FLOPs (whole model): one budget
     /// for all routed layers during training, then thresholds calibrated on training rows.
-    #[arg(long)]
-    target_compute: Option<f64>,
+    /// Ignored with --target-kept (a kept-fraction target instead).
+    #[arg(long, default_value_t = 0.93)]
+    target_compute: f64,
+    /// The MoDification paper's recipe instead of the default: odd layers, `Skip`, routers
+    /// only, LM loss plus α·Σ F_j·G_j (α = 0.01), no compute target.
+    #[arg(long, conflicts_with_all = ["layers", "kv", "train", "objective", "target_compute", "target_kept"])]
+    paper_recipe: bool,
     /// Fraction of the steps over which the compute budget falls from 1 to --target-compute.
     #[arg(long, default_value_t = 0.5)]
     budget_ramp: f64,
@@ -293,7 +299,7 @@ fn main() -> Result<()> {
     //    a user loads it.
     let mut saved_config = trainer.model().config().clone();
     let mut calibration = None;
-    if let Some(target) = args.target_compute {
+    if let Some(target) = train_config.target_compute {
         let rows = corpus.calibration_rows(args.calibration_rows);
         let (calibrated, c) = calibrate_compute(trainer.model(), &rows, target)?;
         println!(
@@ -514,8 +520,20 @@ fn main() -> Result<()> {
 
 /// The conversion and training settings the arguments describe.
 fn settings(args: &Args) -> (ModConfig, TrainConfig) {
+    let target_compute =
+        (!args.paper_recipe && args.target_kept.is_none()).then_some(args.target_compute);
+    let (layers, kv, train, objective) = if args.paper_recipe {
+        (
+            LayersArg::Odd,
+            KvArg::Skip,
+            TrainArg::Routers,
+            ObjectiveArg::Lm,
+        )
+    } else {
+        (args.layers, args.kv, args.train, args.objective)
+    };
     let mod_config = ModConfig {
-        routed_layers: RoutedLayers::Rule(match args.layers {
+        routed_layers: RoutedLayers::Rule(match layers {
             LayersArg::Odd => LayerRule::Odd,
             LayersArg::All => LayerRule::All,
         }),
@@ -528,7 +546,7 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
                 capacity: args.capacity,
             },
         },
-        kv_policy: match args.kv {
+        kv_policy: match kv {
             KvArg::Skip => KvPolicy::Skip,
             KvArg::Keep => KvPolicy::Keep,
         },
@@ -538,13 +556,13 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
             GateInput::Residual
         },
         gate_init_bias: args.gate_bias,
-        alpha: args.alpha.unwrap_or(
-            if args.target_kept.is_some() || args.target_compute.is_some() {
+        alpha: args
+            .alpha
+            .unwrap_or(if target_compute.is_some() || args.target_kept.is_some() {
                 0.1
             } else {
                 0.01
-            },
-        ),
+            }),
         sink_tokens: args.sinks,
         ..ModConfig::default()
     };
@@ -557,7 +575,7 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
         min_lr_ratio: args.min_lr_ratio,
         grad_accum: args.grad_accum,
         seed: args.seed,
-        trainable: match args.train {
+        trainable: match train {
             TrainArg::Routers => Trainable::Routers,
             TrainArg::Lora => Trainable::Lora,
             TrainArg::All => Trainable::All,
@@ -567,12 +585,12 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
             alpha: args.lora_alpha,
         },
         lora_lr: args.lora_lr,
-        objective: match args.objective {
+        objective: match objective {
             ObjectiveArg::Lm => Objective::Lm,
             ObjectiveArg::Kl => Objective::Kl,
             ObjectiveArg::KlLm => Objective::KlLm,
         },
-        target_compute: args.target_compute,
+        target_compute,
         budget_ramp: args.budget_ramp,
         target_kept: args.target_kept,
         target_per_layer: args.target_per_layer,

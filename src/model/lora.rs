@@ -43,9 +43,14 @@ impl LoraConfig {
     /// Errors: [`Error::InvalidArgument`] for rank 0, a rank above `hidden`, or an α that
     /// is not finite and positive.
     pub fn validate(&self, hidden: usize) -> Result<()> {
-        if self.rank == 0 || self.rank > hidden {
+        if self.rank == 0 {
+            return Err(Error::InvalidArgument(
+                "LoRA rank 0 is invalid: the rank must be at least 1".to_string(),
+            ));
+        }
+        if self.rank > hidden {
             return Err(Error::InvalidArgument(format!(
-                "LoRA rank {} is outside 1..={hidden} (the hidden size)",
+                "LoRA rank {} is above the hidden size {hidden}",
                 self.rank
             )));
         }
