@@ -119,7 +119,9 @@ pub fn calibrate_compute(
     let mut last_side = 0i8;
     let (mut f_low, mut f_high) = (c_low - target, c_high - target);
     for _ in 0..STEPS {
-        if f_low.abs() <= TOLERANCE || f_high.abs() <= TOLERANCE || s_high - s_low < 1e-9 {
+        // The measured gaps, not the Illinois-halved ones, decide when to stop.
+        let close = (c_low - target).abs().min((c_high - target).abs()) <= TOLERANCE;
+        if close || s_high - s_low < 1e-9 {
             break;
         }
         let mut mid = (s_low * f_high - s_high * f_low) / (f_high - f_low);
