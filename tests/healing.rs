@@ -277,7 +277,7 @@ fn unreachable_or_invalid_compute_targets_are_typed_errors() {
             assert_eq!(target, 0.01);
             // Every token kept costs the dense model plus the routers.
             assert!(
-                min > 0.01 && min < max && max >= 1.0 && max < 1.01,
+                min > 0.01 && min < max && (1.0..1.01).contains(&max),
                 "{min} {max}"
             );
         }
