@@ -53,12 +53,16 @@ pub fn distillation_kl(student: &Tensor, teacher: &Tensor, valid: &Tensor) -> Re
         )));
     }
     let log_t = log_softmax_last_dim(&teacher.detach())?;
-    let log_s = log_softmax_last_dim(student)?;
-    let p_t = log_t.exp()?;
-    let per_token = (&p_t * (&log_t - &log_s)?)?.sum(D::Minus1)?; // (B, T)
+    let per_token = per_token_kl(&log_t, &log_softmax_last_dim(student)?)?; // (B, T)
     let weight = valid.to_dtype(DType::F32)?;
     let count = weight.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
     Ok(((per_token * weight)?.sum_all()? / count)?)
+}
+
+/// `Σ_v p_t(v) · (log p_t(v) − log p_s(v))` over the last dimension, from log-probabilities
+/// `(..., V)` f32: one KL value per token.
+fn per_token_kl(log_t: &Tensor, log_s: &Tensor) -> Result<Tensor> {
+    Ok((log_t.exp()? * (log_t - log_s)?)?.sum(D::Minus1)?)
 }
 
 /// Summed objective terms of one batch, from [`chunked_objective`].
@@ -154,7 +158,7 @@ pub fn chunked_objective(
         nll_sum = (nll_sum - (picked * w)?.sum_all()?)?;
         if let Some((model, th)) = &teacher {
             let log_t = log_softmax_last_dim(&model.logits(&th.narrow(0, start, len)?)?)?;
-            let per_token = (log_t.exp()? * (&log_t - &log_s)?)?.sum(D::Minus1)?;
+            let per_token = per_token_kl(&log_t, &log_s)?;
             let w = Tensor::from_slice(&valid_v[start..start + len], len, device)?;
             kl_sum = (kl_sum + (per_token * w)?.sum_all()?)?;
         }
@@ -181,11 +185,19 @@ pub fn compute_budget_loss(
     compute_fraction: f64,
     target: f64,
 ) -> Result<Tensor> {
+    pushed_gates(stats, alpha, |_| compute_fraction > target)
+}
+
+/// `α · Σ_j G_j` over the routed layers that `push` selects (a scalar f32 tensor, 0 when
+/// none is selected): the shared form of the target variants of the load-reducing term.
+fn pushed_gates(
+    stats: &[crate::routing::RoutingStats],
+    alpha: f64,
+    push: impl Fn(&crate::routing::RoutingStats) -> bool,
+) -> Result<Tensor> {
     let mut total = Tensor::zeros((), DType::F32, &candle_core::Device::Cpu)?;
-    if compute_fraction > target {
-        for s in stats {
-            total = total.to_device(s.mean_gate.device())?.add(&s.mean_gate)?;
-        }
+    for s in stats.iter().filter(|s| push(s)) {
+        total = total.to_device(s.mean_gate.device())?.add(&s.mean_gate)?;
     }
     Ok((total * alpha)?)
 }
@@ -223,18 +235,13 @@ pub fn target_load_loss(
 ) -> Result<Tensor> {
     let mean_kept =
         stats.iter().map(|s| s.kept_fraction()).sum::<f64>() / stats.len().max(1) as f64;
-    let mut total = Tensor::zeros((), DType::F32, &candle_core::Device::Cpu)?;
-    for s in stats {
-        let over = if per_layer {
+    pushed_gates(stats, alpha, |s| {
+        if per_layer {
             s.kept_fraction() > target
         } else {
             mean_kept > target
-        };
-        if over {
-            total = total.to_device(s.mean_gate.device())?.add(&s.mean_gate)?;
         }
-    }
-    Ok((total * alpha)?)
+    })
 }
 
 /// The MoD auxiliary predictor loss (Raposo et al. 2024, §3.5) for top-k routers: binary
