@@ -53,7 +53,7 @@ fn weights(cfg: &LlamaConfig) -> HashMap<String, Tensor> {
 fn routed(base: &Llama, batch: &Batch, router: RouterKind, kept: f64) -> ModModel {
     let w = Tensor::from_vec(values(576, 99, 1.0), (1, 576), &Device::Cpu).unwrap();
     // Bias at the (1 - kept) quantile of the token logits: exactly `kept` pass p = 0.5.
-    let x = base.embed(&batch.ids).unwrap();
+    let x = base.embed(batch.ids()).unwrap();
     let mut logits: Vec<f32> = x
         .broadcast_matmul(&w.t().unwrap())
         .unwrap()

@@ -77,7 +77,7 @@ fn main() -> Result<()> {
         for rep in 0..args.reps + 1 {
             for m in [rep % 2 == 0, rep % 2 == 1] {
                 let model = if m { &original } else { &converted };
-                let mut cache = model.new_cache(1);
+                let mut cache = model.new_cache(1)?;
                 let t = Instant::now();
                 model.forward_cached(&batch, &mut cache)?;
                 let s = t.elapsed().as_secs_f64();
@@ -116,7 +116,7 @@ fn main() -> Result<()> {
     for rep in 0..args.reps {
         for m in [rep % 2 == 0, rep % 2 == 1] {
             let model = if m { &original } else { &converted };
-            let mut cache = model.new_cache(1);
+            let mut cache = model.new_cache(1)?;
             model.forward_cached(&Batch::single(prompt, max, &dev)?, &mut cache)?;
             let t = Instant::now();
             for i in 0..args.decode_steps {

@@ -84,6 +84,20 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A batch does not continue the sequence its KV cache holds: row `row` starts at
+    /// position `got`, the cache expects `expected` (the number of tokens it has seen).
+    /// A restart needs [`KvCache::reset`](crate::model::kv_cache::KvCache::reset) or
+    /// [`truncate`](crate::model::kv_cache::KvCache::truncate).
+    #[error("row {row} starts at position {got}, but its KV cache continues at {expected}")]
+    PositionMismatch {
+        /// The batch row.
+        row: usize,
+        /// The position the cache continues at.
+        expected: usize,
+        /// The position the batch starts at.
+        got: usize,
+    },
+
     /// A corpus source is missing, unreadable, empty or too short.
     #[error("corpus source `{source_name}`: {reason}")]
     Data {

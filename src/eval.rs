@@ -114,7 +114,7 @@ pub fn routed_rows_eval(
 }
 
 fn perplexity_of(logits: &candle_core::Tensor, batch: &Batch) -> Result<Perplexity> {
-    let (sum, count) = next_token_nll(logits, &batch.ids, &batch.valid)?;
+    let (sum, count) = next_token_nll(logits, batch.ids(), batch.valid())?;
     if count == 0 {
         return Err(Error::InvalidArgument("no token to predict".to_string()));
     }

@@ -4,7 +4,7 @@ use crate::checkpoint::tokenizer::{decode, encode};
 use crate::error::{Error, Result};
 use crate::mod_model::ModModel;
 use crate::model::{Batch, Llama};
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{IndexOp, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -58,9 +58,9 @@ pub fn greedy_batch(
     let max = base.config().max_position_embeddings;
     let device = base.device();
     let batch = Batch::from_rows(prompts, 0, max, device)?;
-    let mut cache = model.new_cache(prompts.len());
+    let mut cache = model.new_cache(prompts.len())?;
     let logits = model.forward_cached(&batch, &mut cache)?.logits;
-    let mut lengths: Vec<usize> = batch.lengths.clone();
+    let mut lengths: Vec<usize> = batch.lengths().to_vec();
     let mut next: Vec<u32> = lengths
         .iter()
         .enumerate()
@@ -91,31 +91,16 @@ pub fn greedy_batch(
 
 /// A decode step's batch: token `ids[r]` at position `positions[r]` for every row.
 ///
-/// Errors: [`Error::SequenceTooLong`] when a position reaches the context.
+/// Errors: [`Error::SequenceTooLong`] when a position reaches the context;
+/// [`Error::InvalidArgument`] when `ids` is empty or `positions` has another length.
 pub fn decode_batch(
     ids: &[u32],
     positions: &[usize],
     max_len: usize,
     device: &candle_core::Device,
 ) -> Result<Batch> {
-    if let Some(&p) = positions.iter().find(|&&p| p >= max_len) {
-        return Err(Error::SequenceTooLong {
-            len: p + 1,
-            max: max_len,
-        });
-    }
-    let b = ids.len();
-    Ok(Batch {
-        ids: Tensor::from_vec(ids.to_vec(), (b, 1), device)?,
-        positions: Tensor::from_vec(
-            positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
-            (b, 1),
-            device,
-        )?,
-        valid: Tensor::ones((b, 1), candle_core::DType::U8, device)?,
-        lengths: vec![1; b],
-        starts: positions.to_vec(),
-    })
+    let rows: Vec<Vec<u32>> = ids.iter().map(|&id| vec![id]).collect();
+    Batch::continuing(&rows, positions, 0, max_len, device)
 }
 
 /// Sampling settings (candle-transformers' `LogitsProcessor` does the sampling).
@@ -223,7 +208,7 @@ pub fn generate(
     let mut sampler = LogitsProcessor::from_sampling(cfg.seed, sampling);
     let eos = cfg.eos.or(base.config().eos_token_id);
 
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_cache(1)?;
     let start = Instant::now();
     let out = model.forward_cached(&Batch::single(&prompt_ids, max, device)?, &mut cache)?;
     let mut logits = out.logits.i((0, prompt_ids.len() - 1))?;

@@ -28,7 +28,7 @@ fn check_prefill_decode(model: &ModModel, tokens: &[u32], prompt_len: usize) {
             Mode::Inference,
         )
         .unwrap();
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_cache(1).unwrap();
     let pre = model
         .forward_cached(
             &Batch::single(&tokens[..prompt_len], 64, &Device::Cpu).unwrap(),
@@ -84,7 +84,7 @@ fn decode_steps_where_every_or_no_routed_layer_keeps_the_token() {
         let model = tiny::mod_model(tiny::llama(3), cfg, 0.0, bias);
         let tokens = tiny::ids(6, 22);
         check_prefill_decode(&model, &tokens, 2);
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_cache(1).unwrap();
         model
             .forward_cached(
                 &Batch::single(&tokens[..3], 64, &Device::Cpu).unwrap(),
@@ -100,7 +100,7 @@ fn decode_steps_where_every_or_no_routed_layer_keeps_the_token() {
         assert!(step.stats.iter().all(|s| s.kept == kept && s.valid == 1));
         // A skipped token adds no entry: only the sink (and, when kept, the others) are cached.
         let expected = if kept == 1 { 4 } else { 1 };
-        assert_eq!(cache.len(1, 0), expected);
+        assert_eq!(cache.len(1, 0).unwrap(), expected);
     }
 }
 
@@ -124,9 +124,9 @@ fn kv_cache_shrinks_by_the_skipped_fraction_measured() {
     let dense = ModModel::dense(model.base().clone()).unwrap();
     let tokens = tiny::ids(20, 26);
     let batch = Batch::single(&tokens, 64, &Device::Cpu).unwrap();
-    let mut routed_cache = model.new_cache(1);
+    let mut routed_cache = model.new_cache(1).unwrap();
     let out = model.forward_cached(&batch, &mut routed_cache).unwrap();
-    let mut dense_cache = dense.new_cache(1);
+    let mut dense_cache = dense.new_cache(1).unwrap();
     dense.forward_cached(&batch, &mut dense_cache).unwrap();
     // Per layer: 20 tokens × K and V × 2 KV heads × 16 dims × 4 bytes.
     let per_token_layer = 2 * 2 * 16 * 4;
@@ -136,7 +136,7 @@ fn kv_cache_shrinks_by_the_skipped_fraction_measured() {
     assert_eq!(routed_cache.bytes(), kept * per_token_layer);
     // Keep policy: compute saved, memory not.
     let keep = routed(KvPolicy::Keep);
-    let mut keep_cache = keep.new_cache(1);
+    let mut keep_cache = keep.new_cache(1).unwrap();
     keep.forward_cached(&batch, &mut keep_cache).unwrap();
     assert_eq!(keep_cache.bytes(), dense_cache.bytes());
 }

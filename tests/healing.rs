@@ -60,18 +60,18 @@ fn chunked_objective_equals_the_full_logit_losses() {
         &student,
         &hs,
         Some((&teacher, &ht)),
-        &batch.ids,
-        &batch.valid,
+        batch.ids(),
+        batch.valid(),
     )
     .unwrap();
-    let full_lm = loss::lm_loss(&student.logits(&hs).unwrap(), &batch.ids, &batch.valid)
+    let full_lm = loss::lm_loss(&student.logits(&hs).unwrap(), batch.ids(), batch.valid())
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
     let full_kl = loss::distillation_kl(
         &student.logits(&hs).unwrap(),
         &teacher.logits(&ht).unwrap(),
-        &batch.valid,
+        batch.valid(),
     )
     .unwrap()
     .to_scalar::<f32>()
@@ -114,8 +114,8 @@ fn kl_is_zero_with_every_gate_open_and_routers_feel_only_the_load_term() {
         model.base(),
         &out.hidden,
         Some((&teacher, &th)),
-        &batch.ids,
-        &batch.valid,
+        batch.ids(),
+        batch.valid(),
     )
     .unwrap();
     let kl = terms.kl_loss().unwrap().unwrap();

@@ -58,7 +58,7 @@ fn all_gates_open_equals_dense_exactly() {
 fn all_gates_closed_makes_every_routed_layer_the_identity() {
     let base = tiny::llama(3);
     let batch = Batch::single(&tiny::ids(12, 2), 64, &Device::Cpu).unwrap();
-    let identity = base.logits(&base.embed(&batch.ids).unwrap()).unwrap();
+    let identity = base.logits(&base.embed(batch.ids()).unwrap()).unwrap();
     for kv in [KvPolicy::Skip, KvPolicy::Keep] {
         let cfg = ModConfig {
             kv_policy: kv,
@@ -123,10 +123,15 @@ fn top_k_keeps_largest_logits_not_first_positions() {
 fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Tensor) {
     let base = tiny::llama(2);
     let batch = Batch::single(&tiny::ids(16, 3), 64, &Device::Cpu).unwrap();
-    let rope = base.rope.at(&batch.positions, DType::F32).unwrap();
-    let mask =
-        attention_mask(&batch.positions, &batch.positions, &batch.valid, DType::F32).unwrap();
-    let x = base.embed(&batch.ids).unwrap();
+    let rope = base.rope.at(batch.positions(), DType::F32).unwrap();
+    let mask = attention_mask(
+        batch.positions(),
+        batch.positions(),
+        batch.valid(),
+        DType::F32,
+    )
+    .unwrap();
+    let x = base.embed(batch.ids()).unwrap();
     let h0 = (&x + base.layers[0].delta(&x, &rope, &mask).unwrap()).unwrap();
     let cfg = ModConfig {
         kv_policy: kv,
@@ -176,7 +181,7 @@ fn routed_layer_equals_dense_layer_without_skipped_tokens_at_original_positions(
             }
         }
         let mask = Tensor::from_vec(allowed, (1, 1, t, t), &Device::Cpu).unwrap();
-        let rope = base.rope.at(&batch.positions, DType::F32).unwrap();
+        let rope = base.rope.at(batch.positions(), DType::F32).unwrap();
         let delta = base.layers[1].delta(&h0, &rope, &mask).unwrap();
         let mut rows = Vec::new();
         for i in 0..t {
@@ -217,9 +222,14 @@ fn keep_policy_skipped_tokens_still_serve_dense_keys_and_values() {
     // Under Keep a kept token sees every earlier token's K/V, computed from the unchanged
     // hidden state exactly as the dense layer does: its update equals the dense layer's.
     let base = m.base();
-    let rope = base.rope.at(&batch.positions, DType::F32).unwrap();
-    let mask =
-        attention_mask(&batch.positions, &batch.positions, &batch.valid, DType::F32).unwrap();
+    let rope = base.rope.at(batch.positions(), DType::F32).unwrap();
+    let mask = attention_mask(
+        batch.positions(),
+        batch.positions(),
+        batch.valid(),
+        DType::F32,
+    )
+    .unwrap();
     let dense_delta = base.layers[1].delta(&h0, &rope, &mask).unwrap();
     let rows: Vec<Tensor> = (0..16)
         .map(|i| {
@@ -245,7 +255,7 @@ fn single_token_and_zero_kept_tokens_work() {
     let base = tiny::llama(2);
     let batch = Batch::single(&[7], 64, &Device::Cpu).unwrap();
     let dense = base.forward(&batch).unwrap();
-    let identity = base.logits(&base.embed(&batch.ids).unwrap()).unwrap();
+    let identity = base.logits(&base.embed(batch.ids()).unwrap()).unwrap();
     let closed = tiny::mod_model(base.clone(), tiny::config_all_layers_no_sink(), 0.0, -50.0);
     let open = tiny::mod_model(base, tiny::config_all_layers_no_sink(), 0.0, 50.0);
     for mode in [Mode::Inference, Mode::Training] {
@@ -326,7 +336,8 @@ fn padded_batch_gives_each_row_what_it_gets_alone() {
                 assert!((g - gate_sum_alone[l] / 26.0).abs() < 1e-5);
             }
             // The LM loss ignores padding: the batch loss equals the token-weighted mean.
-            let (sum, count) = loss::next_token_nll(&out.logits, &batch.ids, &batch.valid).unwrap();
+            let (sum, count) =
+                loss::next_token_nll(&out.logits, batch.ids(), batch.valid()).unwrap();
             assert_eq!(count, 12 + 3 + 8);
             assert!(sum.to_scalar::<f32>().unwrap().is_finite());
         }
@@ -361,7 +372,7 @@ fn training_mode_gives_skipped_tokens_gates_an_lm_gradient() {
     let weight = varmap.data().lock().unwrap()["model.layers.1.router.weight"].clone();
     let train = m.forward(&batch, Mode::Training).unwrap();
     assert_eq!(train.stats[0].kept, 0);
-    let lm = loss::lm_loss(&train.logits, &batch.ids, &batch.valid).unwrap();
+    let lm = loss::lm_loss(&train.logits, batch.ids(), batch.valid()).unwrap();
     let grads = lm.backward().unwrap();
     let gb = grads
         .get(bias.as_tensor())
@@ -397,11 +408,11 @@ fn training_mode_gives_skipped_tokens_gates_an_lm_gradient() {
     .unwrap();
     let inf = m.forward(&batch, Mode::Inference).unwrap();
     assert_eq!(inf.stats[0].kept, 16);
-    let lm = loss::lm_loss(&inf.logits, &batch.ids, &batch.valid).unwrap();
+    let lm = loss::lm_loss(&inf.logits, batch.ids(), batch.valid()).unwrap();
     assert!(lm.backward().unwrap().get(open.as_tensor()).is_none());
     // ...while training mode, on the same open gates, gives it one.
     let train = m.forward(&batch, Mode::Training).unwrap();
-    let lm = loss::lm_loss(&train.logits, &batch.ids, &batch.valid).unwrap();
+    let lm = loss::lm_loss(&train.logits, batch.ids(), batch.valid()).unwrap();
     assert!(lm.backward().unwrap().get(open.as_tensor()).is_some());
     let _ = bias;
 }
@@ -452,7 +463,7 @@ fn backward_reaches_every_router_and_block_weight_with_finite_loss() {
             kept.iter().all(|&k| k > 3 && k < 19),
             "want partial routing, kept {kept:?}"
         );
-        let total = (loss::lm_loss(&out.logits, &batch.ids, &batch.valid).unwrap()
+        let total = (loss::lm_loss(&out.logits, batch.ids(), batch.valid()).unwrap()
             + loss::load_reducing_loss(&out.stats, 0.01).unwrap())
         .unwrap();
         assert!(total.to_scalar::<f32>().unwrap().is_finite());
@@ -497,7 +508,7 @@ fn real_model_with_open_gates_reproduces_reference_perplexity() {
     let batch = Batch::single(&ids, 8192, &Device::Cpu).unwrap();
     let out = m.forward(&batch, Mode::Inference).unwrap();
     assert!(out.stats.iter().all(|s| s.kept == 256));
-    let (sum, count) = loss::next_token_nll(&out.logits, &batch.ids, &batch.valid).unwrap();
+    let (sum, count) = loss::next_token_nll(&out.logits, batch.ids(), batch.valid()).unwrap();
     let ppl = (sum.to_scalar::<f32>().unwrap() as f64 / count as f64).exp();
     assert!((ppl - 30.8813).abs() / 30.8813 < 1e-3, "perplexity {ppl}");
     let _ = (RoutedLayers::Rule(LayerRule::Odd),);

@@ -1,14 +1,15 @@
 //! The Mixture-of-Depths model: a [`Llama`] whose routed layers compute only the tokens
 //! their router keeps (MoDification, threshold-p; or MoD's top-k).
 
-use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::mod_config::{GateInput, GateScaling, KvPolicy, ModConfig, RouterKind};
-use crate::model::flops::{layer_flops, lm_head_flops, router_flops};
-use crate::model::{attention_mask, Batch, Block, Llama, RopeAt};
-use crate::routing::{selection, Dispatch, Router, RoutingStats, Selection};
+use crate::model::flops::{lm_head_flops, router_flops};
+use crate::model::kv_cache::KvCache;
+use crate::model::{Batch, Block, Llama};
+use crate::routing::{selection, Router, RoutingStats, Selection};
 
 mod cached;
+mod layer;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
@@ -166,14 +167,14 @@ impl ModModel {
     /// Errors: [`crate::Error::SequenceTooLong`] when T exceeds the context;
     /// [`crate::Error::InvalidArgument`] for a token id outside the vocabulary.
     pub fn forward(&self, batch: &Batch, mode: Mode) -> Result<ModOutput> {
-        self.with_logits(self.run(batch, mode, false)?)
+        self.with_logits(self.run(batch, mode, false, None)?)
     }
 
     /// As [`forward`](Self::forward), stopping before the final norm and `lm_head`.
     ///
     /// Errors: as [`forward`](Self::forward).
     pub fn forward_hidden(&self, batch: &Batch, mode: Mode) -> Result<HiddenOutput> {
-        self.run(batch, mode, false)
+        self.run(batch, mode, false, None)
     }
 
     fn with_logits(&self, out: HiddenOutput) -> Result<ModOutput> {
@@ -191,41 +192,100 @@ impl ModModel {
     ///
     /// Errors: as [`forward`](Self::forward).
     pub fn forward_causal(&self, batch: &Batch, mode: Mode) -> Result<ModOutput> {
-        self.with_logits(self.run(batch, mode, true)?)
+        self.with_logits(self.run(batch, mode, true, None)?)
     }
 
-    fn run(&self, batch: &Batch, mode: Mode, causal: bool) -> Result<HiddenOutput> {
+    /// The forward pass of every use: `cache` given for a prefill or decode step,
+    /// `causal` for the per-token decision generation makes. Every layer runs through
+    /// [`layer::sparse_layer`] (inference) or [`layer::training_layer`] (training).
+    pub(crate) fn run(
+        &self,
+        batch: &Batch,
+        mode: Mode,
+        causal: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<HiddenOutput> {
         let base = &self.base;
         base.check_batch(batch)?;
+        if let Some(cache) = cache.as_deref() {
+            if cache.num_layers() != base.layers.len() {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "a KV cache of {} layers for a model of {}",
+                    cache.num_layers(),
+                    base.layers.len()
+                )));
+            }
+            cache.check_continues(batch.starts())?;
+        }
         let cfg = base.config();
-        let dtype = base.dtype();
-        let (b, t) = (batch.batch_size(), batch.seq_len());
-        let mut x = base.embed(&batch.ids)?;
-        let rope = base.rope.at(&batch.positions, dtype)?;
-        let dense_mask = attention_mask(&batch.positions, &batch.positions, &batch.valid, dtype)?;
-        let dense_layer = layer_flops(cfg, b * t, b * t, b * t * t);
-        let mut flops = lm_head_flops(cfg, b * t);
+        let all = Selection::all(batch.lengths(), batch.seq_len());
+        // A dense layer attends each token to every earlier token of its row: those the
+        // cache holds and those of this call.
+        let dense_keys = match cache {
+            Some(_) => batch.ends(),
+            None => batch.lengths().to_vec(),
+        };
+        let dense_layer = layer::layer_cost(cfg, &all, &all, &dense_keys);
+        let mut flops = lm_head_flops(cfg, batch.num_tokens());
         let dense_flops = flops + dense_layer * cfg.num_hidden_layers as f64;
+        let training = match mode {
+            Mode::Training => Some(layer::TrainingInput::new(base, batch)?),
+            Mode::Inference => None,
+        };
+        let mut x = base.embed(batch.ids())?;
         let mut stats = Vec::with_capacity(self.routers.len());
         for (j, layer) in base.layers.iter().enumerate() {
-            match self.routers.get(&j) {
+            let routing = match self.routers.get(&j) {
+                Some(router) => Some(self.route(j, layer, router, &x, batch, mode, causal)?),
+                None => None,
+            };
+            let queries = routing.as_ref().map_or(&all, |r| &r.sel);
+            let writers = match (&routing, self.config.kv_policy) {
+                (Some(r), KvPolicy::Skip) => &r.sel,
+                _ => &all,
+            };
+            let (next, spent) = match &training {
+                Some(input) => {
+                    // Every token is computed (for its gate's gradient); the cost is that
+                    // of the sparse layer the same decisions give at inference.
+                    let next = input.layer(layer, &x, routing.as_ref(), self.config.kv_policy)?;
+                    let keys: Vec<usize> = writers.kept.iter().map(Vec::len).collect();
+                    (next, layer::layer_cost(cfg, queries, writers, &keys))
+                }
                 None => {
-                    x = (&x + layer.delta(&x, &rope, &dense_mask)?)?;
-                    flops += dense_layer;
-                }
-                Some(router) => {
-                    let ctx = LayerInput {
-                        batch,
-                        rope: &rope,
-                        dense_mask: &dense_mask,
-                        cfg,
+                    let weights = match (&routing, self.config.gate_scaling) {
+                        (Some(r), GateScaling::Multiply) => Some(&r.w),
+                        _ => None,
                     };
-                    let (next, s) = self.routed_layer(j, layer, router, &x, &ctx, mode, causal)?;
-                    flops += s.flops;
-                    stats.push(s);
-                    x = next;
+                    let tokens = layer::LayerTokens {
+                        queries,
+                        writers,
+                        weights,
+                    };
+                    let cache = cache.as_deref_mut();
+                    layer::sparse_layer(layer, j, &x, batch, &base.rope, cfg, tokens, cache)?
                 }
-            }
+            };
+            x = next;
+            let Some(r) = routing else {
+                flops += spent;
+                continue;
+            };
+            let cost = spent + router_flops(cfg, batch.num_tokens());
+            flops += cost;
+            stats.push(RoutingStats {
+                layer: j,
+                kept: r.sel.num_kept(),
+                valid: batch.num_tokens(),
+                mean_gate: r.mean_gate,
+                logits: r.logits,
+                kept_mask: r.f,
+                flops: cost,
+                dense_flops: dense_layer,
+            });
+        }
+        if let Some(cache) = cache {
+            cache.advance(&batch.ends());
         }
         Ok(HiddenOutput {
             hidden: x,
@@ -247,7 +307,7 @@ impl ModModel {
         let t = batch.seq_len();
         // Sinks are the first positions of a sequence, wherever the batch starts.
         let sinks: Vec<usize> = batch
-            .starts
+            .starts()
             .iter()
             .map(|&s| self.config.sink_tokens.saturating_sub(s))
             .collect();
@@ -257,7 +317,7 @@ impl ModModel {
                 let p = self.config.threshold_for(j).unwrap_or(0.5);
                 selection::threshold_p(
                     &gates.flatten_all()?.to_vec1()?,
-                    &batch.lengths,
+                    batch.lengths(),
                     t,
                     p,
                     sinks,
@@ -265,14 +325,14 @@ impl ModModel {
             }
             (RouterKind::TopK { .. }, true) => selection::threshold_p(
                 &gates.flatten_all()?.to_vec1()?,
-                &batch.lengths,
+                batch.lengths(),
                 t,
                 0.5,
                 sinks,
             ),
             (RouterKind::TopK { capacity }, false) => selection::top_k(
                 &logits.flatten_all()?.to_vec1()?,
-                &batch.lengths,
+                batch.lengths(),
                 t,
                 *capacity,
                 sinks,
@@ -305,7 +365,7 @@ impl ModModel {
             Mode::Training => logits,
         };
         let g = router.gates(&logits)?;
-        let valid_f = batch.valid.to_dtype(DType::F32)?;
+        let valid_f = batch.valid().to_dtype(DType::F32)?;
         let mean_gate = ((&g * &valid_f)?.sum_all()? / batch.num_tokens().max(1) as f64)?;
         let sel = self.select(j, &logits, &g, batch, causal)?;
         let f = Tensor::from_vec(sel.mask(), (b, t), x.device())?;
@@ -323,90 +383,10 @@ impl ModModel {
             mean_gate,
         })
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn routed_layer(
-        &self,
-        j: usize,
-        layer: &Block,
-        router: &Router,
-        x: &Tensor,
-        ctx: &LayerInput,
-        mode: Mode,
-        causal: bool,
-    ) -> Result<(Tensor, RoutingStats)> {
-        let batch = ctx.batch;
-        let (b, t) = (batch.batch_size(), batch.seq_len());
-        let dtype = x.dtype();
-        let Routing {
-            logits,
-            sel,
-            f,
-            w,
-            mean_gate,
-        } = self.route(j, layer, router, x, batch, mode, causal)?;
-        let n_valid = batch.num_tokens();
-
-        let kept = sel.num_kept();
-        let router_cost = router_flops(ctx.cfg, b * t);
-        let (next, flops) = match mode {
-            Mode::Training => {
-                let mask = match self.config.kv_policy {
-                    KvPolicy::Keep => ctx.dense_mask.clone(),
-                    KvPolicy::Skip => skip_training_mask(&f, batch, dtype)?,
-                };
-                let delta = layer.delta(x, ctx.rope, &mask)?;
-                let w = w.to_dtype(dtype)?.unsqueeze(2)?;
-                // What the sparse inference path spends on this decision (the compute
-                // budget is about the converted model, not about this training pass).
-                (
-                    x.add(&delta.broadcast_mul(&w)?)?,
-                    sparse_layer_flops(ctx.cfg, &sel, t, self.config.kv_policy),
-                )
-            }
-            Mode::Inference => match Dispatch::new(&sel, x.device(), dtype)? {
-                None => (x.clone(), 0.0),
-                Some(dispatch) => {
-                    let xk = dispatch.gather(x)?;
-                    let pos_k = dispatch.gather_tokens(&batch.positions)?;
-                    let rope_k: RopeAt = self.base.rope.at(&pos_k, dtype)?;
-                    let delta = match self.config.kv_policy {
-                        KvPolicy::Skip => {
-                            let mask = attention_mask(&pos_k, &pos_k, &dispatch.valid, dtype)?;
-                            layer.delta(&xk, &rope_k, &mask)?
-                        }
-                        KvPolicy::Keep => {
-                            let normed = layer.normed_input(x)?;
-                            let (kk, vv) = layer.attn.key_values(&normed, ctx.rope)?;
-                            let mask =
-                                attention_mask(&pos_k, &batch.positions, &batch.valid, dtype)?;
-                            let normed_k = dispatch.gather(&normed)?;
-                            layer.delta_with_kv(&xk, &normed_k, &rope_k, &kk, &vv, &mask)?
-                        }
-                    };
-                    // Counted per row, without the padding slots of the dispatch.
-                    let flops = sparse_layer_flops(ctx.cfg, &sel, t, self.config.kv_policy);
-                    let wk = dispatch.gather_tokens(&w)?.to_dtype(dtype)?.unsqueeze(2)?;
-                    (dispatch.add_back(x, &delta.broadcast_mul(&wk)?)?, flops)
-                }
-            },
-        };
-        let stats = RoutingStats {
-            layer: j,
-            kept,
-            valid: n_valid,
-            mean_gate,
-            logits,
-            kept_mask: f,
-            flops: flops + router_cost,
-            dense_flops: layer_flops(ctx.cfg, b * t, b * t, b * t * t),
-        };
-        Ok((next, stats))
-    }
 }
 
 /// A routed layer's decision on a batch.
-struct Routing {
+pub(crate) struct Routing {
     /// Router logits `(B, T)` f32.
     logits: Tensor,
     /// Kept tokens.
@@ -417,48 +397,4 @@ struct Routing {
     w: Tensor,
     /// Mean gate over valid tokens (scalar, differentiable in training).
     mean_gate: Tensor,
-}
-
-/// Per-pass inputs shared by every routed layer.
-struct LayerInput<'a> {
-    batch: &'a Batch,
-    rope: &'a RopeAt,
-    dense_mask: &'a Tensor,
-    cfg: &'a LlamaConfig,
-}
-
-/// FLOPs of a routed layer that computes the selected tokens only, each row counted
-/// without the padding slots a batched dispatch adds (the model's compute, not the
-/// batch's): `Skip`
-/// attends kept queries to kept keys; `Keep` attends kept queries to every token, which
-/// all still write K/V.
-fn sparse_layer_flops(cfg: &LlamaConfig, sel: &Selection, t: usize, policy: KvPolicy) -> f64 {
-    let kept: Vec<usize> = sel.kept.iter().map(Vec::len).collect();
-    let queries: usize = kept.iter().sum();
-    match policy {
-        KvPolicy::Skip => layer_flops(cfg, queries, queries, kept.iter().map(|k| k * k).sum()),
-        KvPolicy::Keep => layer_flops(cfg, queries, kept.len() * t, queries * t),
-    }
-}
-
-/// The training-mode mask of a `Skip` routed layer, `(B, 1, T, T)`: causal over valid kept
-/// keys plus each token itself (so that a skipped token's delta, used only for its gate's
-/// gradient, is defined). `kept`: `(B, T)` f32 0/1.
-fn skip_training_mask(kept: &Tensor, batch: &Batch, dtype: DType) -> Result<Tensor> {
-    let pos = &batch.positions;
-    let causal = pos
-        .unsqueeze(1)?
-        .broadcast_le(&pos.unsqueeze(2)?)?
-        .to_dtype(DType::F32)?;
-    let itself = pos
-        .unsqueeze(1)?
-        .broadcast_eq(&pos.unsqueeze(2)?)?
-        .to_dtype(DType::F32)?;
-    let key_ok = itself.broadcast_maximum(&kept.unsqueeze(1)?)?;
-    let valid_k = batch.valid.to_dtype(DType::F32)?.unsqueeze(1)?;
-    let allowed = causal.mul(&key_ok)?.broadcast_mul(&valid_k)?;
-    let masked = crate::model::attention::masked_value(dtype);
-    Ok(((allowed - 1.0)? * -masked)?
-        .unsqueeze(1)?
-        .to_dtype(dtype)?)
 }

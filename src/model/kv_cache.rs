@@ -1,6 +1,7 @@
-//! A KV cache that holds, per layer and per row, only the tokens that wrote K/V there.
+//! A KV cache that holds, per layer and per row, only the tokens that wrote K/V there, and
+//! the sequence state of every row (how many tokens it has seen).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// Keys and values of one row at one layer, with the original position of every entry.
@@ -10,15 +11,21 @@ struct RowEntries {
     k: Option<Tensor>,
     /// `(1, n_kv_heads, S, head_dim)` values.
     v: Option<Tensor>,
+    /// Ascending.
     positions: Vec<u32>,
 }
 
 /// The KV cache of a batch: for every layer and row, the K/V entries of the tokens that
-/// layer computed keys for. A token skipped at a routed layer under the `Skip` policy has
-/// no entry there, which is where a Mixture-of-Depths model saves memory.
+/// layer computed keys for, and for every row the number of tokens it has seen (the
+/// position its next token must have).
+///
+/// A token skipped at a routed layer under the `Skip` policy has no entry there, which is
+/// where a Mixture-of-Depths model saves memory. Every method returns a typed error for a
+/// layer or row the cache does not have; none panics.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Vec<RowEntries>>,
+    seen: Vec<usize>,
 }
 
 /// The padded keys of a batch at one layer, ready for attention.
@@ -32,14 +39,24 @@ pub struct LayerKeys {
     pub positions: Tensor,
     /// `(B, S)` u8, 1 for a real entry.
     pub valid: Tensor,
+    /// Real entries per row.
+    pub lengths: Vec<usize>,
 }
 
 impl KvCache {
     /// An empty cache for `num_layers` layers and `batch` rows.
-    pub fn new(num_layers: usize, batch: usize) -> Self {
-        Self {
-            layers: vec![vec![RowEntries::default(); batch]; num_layers],
+    ///
+    /// Errors: [`Error::InvalidArgument`] when either is zero.
+    pub fn new(num_layers: usize, batch: usize) -> Result<Self> {
+        if num_layers == 0 || batch == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "a KV cache needs layers and rows, got {num_layers} layers and {batch} rows"
+            )));
         }
+        Ok(Self {
+            layers: vec![vec![RowEntries::default(); batch]; num_layers],
+            seen: vec![0; batch],
+        })
     }
 
     /// Layers the cache was made for.
@@ -49,24 +66,112 @@ impl KvCache {
 
     /// Rows of the batch.
     pub fn batch_size(&self) -> usize {
-        self.layers.first().map_or(0, Vec::len)
+        self.seen.len()
     }
 
-    /// Entries of `row` at `layer` (0 for a layer or row the cache does not have).
-    pub fn len(&self, layer: usize, row: usize) -> usize {
+    /// The position each row's next token must have: the number of tokens the row has
+    /// seen. What [`crate::Batch::continuing`] takes as `starts`.
+    pub fn next_positions(&self) -> &[usize] {
+        &self.seen
+    }
+
+    /// Entries of `row` at `layer`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer or row the cache does not have.
+    pub fn len(&self, layer: usize, row: usize) -> Result<usize> {
+        Ok(self.entries(layer, row)?.positions.len())
+    }
+
+    /// Whether no row has seen a token.
+    pub fn is_empty(&self) -> bool {
+        self.seen.iter().all(|&s| s == 0)
+    }
+
+    /// Forgets everything: every row starts again at position 0.
+    pub fn reset(&mut self) {
+        for row in self.layers.iter_mut().flatten() {
+            *row = RowEntries::default();
+        }
+        self.seen.fill(0);
+    }
+
+    /// Keeps the first `len` tokens of every row (rows shorter than `len` are unchanged):
+    /// entries at positions `>= len` are dropped, and a row continues at `min(seen, len)`.
+    /// How a shared prompt prefix is reused for another continuation.
+    ///
+    /// Errors: [`Error::Candle`] on a tensor failure.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for row in self.layers.iter_mut().flatten() {
+            let keep = row.positions.partition_point(|&p| (p as usize) < len);
+            if keep == row.positions.len() {
+                continue;
+            }
+            row.positions.truncate(keep);
+            let cut = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                Ok(match t {
+                    Some(t) if keep > 0 => Some(t.narrow(2, 0, keep)?.contiguous()?),
+                    _ => None,
+                })
+            };
+            row.k = cut(&row.k)?;
+            row.v = cut(&row.v)?;
+        }
+        for s in &mut self.seen {
+            *s = (*s).min(len);
+        }
+        Ok(())
+    }
+
+    /// Checks that row b of a batch starting at `starts[b]` continues the row's sequence.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for another number of rows;
+    /// [`Error::PositionMismatch`] for a restart, a gap or an overlap.
+    pub fn check_continues(&self, starts: &[usize]) -> Result<()> {
+        if starts.len() != self.seen.len() {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {} rows against a KV cache of {} rows",
+                starts.len(),
+                self.seen.len()
+            )));
+        }
+        match (starts.iter().zip(&self.seen)).position(|(s, seen)| s != seen) {
+            None => Ok(()),
+            Some(row) => Err(Error::PositionMismatch {
+                row,
+                expected: self.seen[row],
+                got: starts[row],
+            }),
+        }
+    }
+
+    /// Records that every row has now seen `ends[b]` tokens (after a forward pass appended
+    /// their entries).
+    pub(crate) fn advance(&mut self, ends: &[usize]) {
+        self.seen.copy_from_slice(ends);
+    }
+
+    fn entries(&self, layer: usize, row: usize) -> Result<&RowEntries> {
         self.layers
             .get(layer)
             .and_then(|l| l.get(row))
-            .map_or(0, |r| r.positions.len())
+            .ok_or_else(|| self.out_of_range(layer, row))
     }
 
-    /// Whether the cache holds no entry at all.
-    pub fn is_empty(&self) -> bool {
-        self.layers.iter().flatten().all(|r| r.positions.is_empty())
+    fn out_of_range(&self, layer: usize, row: usize) -> Error {
+        Error::InvalidArgument(format!(
+            "layer {layer}, row {row} is outside a KV cache of {} layers and {} rows",
+            self.num_layers(),
+            self.batch_size()
+        ))
     }
 
-    /// Appends `k`, `v` (`(1, n_kv_heads, s, head_dim)`) at `positions` (length s) to `row`
-    /// of `layer`.
+    /// Appends `k`, `v` (`(1, n_kv_heads, s, head_dim)`) at `positions` (length s,
+    /// ascending, after the row's last entry) to `row` of `layer`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer or row the cache does not have, `k`
+    /// and `v` of different shapes or not of rank 4 with one row, `s` different from
+    /// `positions.len()`, or positions that are not ascending past the row's entries;
+    /// [`Error::Candle`] when the new entries differ from the old in heads, width or dtype.
     pub fn append(
         &mut self,
         layer: usize,
@@ -75,6 +180,27 @@ impl KvCache {
         v: &Tensor,
         positions: &[u32],
     ) -> Result<()> {
+        let last = self.entries(layer, row)?.positions.last().copied();
+        let shape_ok = k.dims() == v.dims() && k.rank() == 4 && k.dims()[0] == 1;
+        if !shape_ok || k.dims()[2] != positions.len() {
+            return Err(Error::InvalidArgument(format!(
+                "keys {:?} and values {:?} for {} positions: expected (1, heads, {}, width) each",
+                k.dims(),
+                v.dims(),
+                positions.len(),
+                positions.len()
+            )));
+        }
+        let ascending = positions.windows(2).all(|w| w[0] < w[1]);
+        let after = match (last, positions.first()) {
+            (Some(l), Some(&p)) => p > l,
+            _ => true,
+        };
+        if !ascending || !after {
+            return Err(Error::InvalidArgument(format!(
+                "positions {positions:?} do not follow the row's last entry {last:?} in order"
+            )));
+        }
         let e = &mut self.layers[layer][row];
         let cat = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
             Ok(match old {
@@ -82,14 +208,18 @@ impl KvCache {
                 Some(old) => Tensor::cat(&[old, new], 2)?,
             })
         };
-        e.k = Some(cat(&e.k, k)?);
-        e.v = Some(cat(&e.v, v)?);
+        let (k, v) = (cat(&e.k, k)?, cat(&e.v, v)?);
+        e.k = Some(k);
+        e.v = Some(v);
         e.positions.extend_from_slice(positions);
         Ok(())
     }
 
     /// Every row's entries at `layer`, zero-padded into one batch. `None` when no row has
     /// an entry. `n_kv_heads`, `head_dim`, `dtype` and `device` describe the padding.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer the cache does not have;
+    /// [`Error::Candle`] when stored entries differ from the padding's shape or dtype.
     pub fn layer_keys(
         &self,
         layer: usize,
@@ -98,8 +228,12 @@ impl KvCache {
         n_kv: usize,
         head_dim: usize,
     ) -> Result<Option<LayerKeys>> {
-        let rows = &self.layers[layer];
-        let s = rows.iter().map(|r| r.positions.len()).max().unwrap_or(0);
+        let rows = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| self.out_of_range(layer, 0))?;
+        let lengths: Vec<usize> = rows.iter().map(|r| r.positions.len()).collect();
+        let s = lengths.iter().copied().max().unwrap_or(0);
         if s == 0 {
             return Ok(None);
         }
@@ -107,7 +241,7 @@ impl KvCache {
             let missing = s - len;
             let zeros = || Tensor::zeros((1, n_kv, missing, head_dim), dtype, device);
             Ok(match t {
-                None => Tensor::zeros((1, n_kv, s, head_dim), dtype, device)?,
+                None => zeros()?,
                 Some(t) if missing == 0 => t.clone(),
                 Some(t) => Tensor::cat(&[t, &zeros()?], 2)?,
             })
@@ -116,8 +250,7 @@ impl KvCache {
         let mut vs = Vec::with_capacity(rows.len());
         let mut pos = Vec::with_capacity(rows.len() * s);
         let mut valid = Vec::with_capacity(rows.len() * s);
-        for r in rows {
-            let len = r.positions.len();
+        for (r, &len) in rows.iter().zip(&lengths) {
             ks.push(pad(&r.k, len)?);
             vs.push(pad(&r.v, len)?);
             pos.extend_from_slice(&r.positions);
@@ -126,18 +259,12 @@ impl KvCache {
             valid.extend(std::iter::repeat_n(0u8, s - len));
         }
         let b = rows.len();
-        let stack = |mut parts: Vec<Tensor>| -> Result<Tensor> {
-            Ok(if parts.len() == 1 {
-                parts.remove(0)
-            } else {
-                Tensor::cat(&parts, 0)?
-            })
-        };
         Ok(Some(LayerKeys {
-            k: stack(ks)?,
-            v: stack(vs)?,
+            k: Tensor::cat(&ks, 0)?,
+            v: Tensor::cat(&vs, 0)?,
             positions: Tensor::from_vec(pos, (b, s), device)?,
             valid: Tensor::from_vec(valid, (b, s), device)?,
+            lengths,
         }))
     }
 

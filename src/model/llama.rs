@@ -105,17 +105,15 @@ impl Llama {
 
     /// Checks that a batch fits the model's context and vocabulary (one scalar read-back).
     ///
-    /// Errors: [`Error::SequenceTooLong`]; [`Error::InvalidArgument`] for a token id
+    /// Errors: [`Error::SequenceTooLong`] when a row ends past the context; [`Error::InvalidArgument`] for a token id
     /// outside the vocabulary.
     pub fn check_batch(&self, batch: &Batch) -> Result<()> {
         let max = self.config.max_position_embeddings;
-        if batch.seq_len() > max {
-            return Err(Error::SequenceTooLong {
-                len: batch.seq_len(),
-                max,
-            });
+        let end = batch.ends().into_iter().max().unwrap_or(0);
+        if end > max {
+            return Err(Error::SequenceTooLong { len: end, max });
         }
-        let largest = batch.ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        let largest = batch.ids().flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if largest as usize >= self.config.vocab_size {
             return Err(Error::InvalidArgument(format!(
                 "token id {largest} is outside the vocabulary of {} tokens",
@@ -176,9 +174,14 @@ impl Llama {
     /// Errors: as [`forward`](Self::forward).
     pub fn forward_hidden(&self, batch: &Batch) -> Result<Tensor> {
         self.check_batch(batch)?;
-        let mut x = self.embed(&batch.ids)?;
-        let rope = self.rope.at(&batch.positions, self.dtype)?;
-        let mask = attention_mask(&batch.positions, &batch.positions, &batch.valid, self.dtype)?;
+        let mut x = self.embed(batch.ids())?;
+        let rope = self.rope.at(batch.positions(), self.dtype)?;
+        let mask = attention_mask(
+            batch.positions(),
+            batch.positions(),
+            batch.valid(),
+            self.dtype,
+        )?;
         for layer in &self.layers {
             x = (&x + layer.delta(&x, &rope, &mask)?)?;
         }

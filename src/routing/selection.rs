@@ -13,6 +13,15 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// Every real token of rows of `lengths` tokens, padded to `seq_len`: the queries and
+    /// writers of a dense layer.
+    pub fn all(lengths: &[usize], seq_len: usize) -> Self {
+        Self {
+            kept: lengths.iter().map(|&l| (0..l as u32).collect()).collect(),
+            seq_len,
+        }
+    }
+
     /// Whether every position of every row is kept (no padding, nothing skipped): the
     /// layer can run on the batch as it is, without gather and scatter.
     pub fn is_full(&self) -> bool {

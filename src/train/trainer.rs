@@ -397,8 +397,8 @@ impl Trainer {
                 self.model.base(),
                 &out.hidden,
                 teacher_hidden.as_ref().map(|(m, h)| (*m, h)),
-                &batch.ids,
-                &batch.valid,
+                batch.ids(),
+                batch.valid(),
             )?;
             let lm = terms.lm_loss()?;
             let kl = terms.kl_loss()?;
@@ -427,7 +427,7 @@ impl Trainer {
                 load_sum += load.to_scalar::<f32>()? as f64;
                 total = (total + load)?;
                 if matches!(mod_cfg.router, RouterKind::TopK { .. }) {
-                    let aux = (loss::topk_predictor_loss(&out.stats, &batch.valid)?
+                    let aux = (loss::topk_predictor_loss(&out.stats, batch.valid())?
                         * cfg.topk_aux_weight)?;
                     aux_sum += aux.to_scalar::<f32>()? as f64;
                     total = (total + aux)?;
