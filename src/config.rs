@@ -60,6 +60,55 @@ pub struct LlamaConfig {
     pub head_dim: Option<usize>,
 }
 
+/// Folds the newer transformers layout of RoPE settings into `rope_theta`:
+/// `"rope_parameters": {"rope_type": "default", "rope_theta": θ}` (and a `rope_scaling`
+/// that only names the default type) mean plain RoPE at θ.
+///
+/// Errors: [`Error::Config`] for a rope type other than `default` (YaRN, LLaMA-3.1
+/// scaling, ... are not implemented), a non-numeric θ, or a nested θ that contradicts a
+/// top-level `rope_theta`.
+fn normalize_rope(value: &mut serde_json::Value) -> Result<()> {
+    let Some(obj) = value.as_object_mut() else {
+        return Ok(());
+    };
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(params) = obj.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let kind = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(|t| t.as_str());
+        match kind {
+            Some("default") => {}
+            None if key == "rope_parameters" => {}
+            other => {
+                return Err(Error::config(format!(
+                    "{key}: rope type {} is not supported (only default RoPE)",
+                    other.unwrap_or("(unnamed)")
+                )))
+            }
+        }
+        if let Some(theta) = params.get("rope_theta") {
+            let theta = theta.as_f64().ok_or_else(|| {
+                Error::config(format!("{key}.rope_theta is not a number: {theta}"))
+            })?;
+            match obj.get("rope_theta").and_then(|t| t.as_f64()) {
+                Some(top) if top != theta => {
+                    return Err(Error::config(format!(
+                        "rope_theta {top} contradicts {key}.rope_theta {theta}"
+                    )))
+                }
+                _ => {
+                    obj.insert("rope_theta".to_string(), theta.into());
+                }
+            }
+        }
+        obj.remove(key);
+    }
+    Ok(())
+}
+
 fn default_rms_norm_eps() -> f64 {
     1e-6
 }
@@ -98,7 +147,10 @@ impl LlamaConfig {
     /// Parses and validates the text of an HF `config.json`; errors as
     /// [`from_json_file`](Self::from_json_file).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let cfg: LlamaConfig = serde_json::from_str(text).map_err(|e| {
+        let mut value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::config(e.to_string()))?;
+        normalize_rope(&mut value)?;
+        let cfg: LlamaConfig = serde_json::from_value(value).map_err(|e| {
             // Another architecture's config (GPT-2's `n_embd`, `n_head`, ...) lacks the
             // LLaMA fields: report the architecture, not the first missing field.
             let model_type = serde_json::from_str::<serde_json::Value>(text)

@@ -853,3 +853,42 @@ fn config_with_rope_scaling_or_attention_bias_is_refused() {
     ));
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+#[test]
+fn nested_rope_parameters_reach_the_rotary_table() {
+    let base = r#""hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "vocab_size": 16, "max_position_embeddings": 128"#;
+    let nested = LlamaConfig::from_json_str(&format!(
+        r#"{{{base}, "rope_parameters": {{"rope_type": "default", "rope_theta": 500000.0}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(nested.rope_theta, 500_000.0);
+    let flat = LlamaConfig::from_json_str(&format!("{{{base}}}")).unwrap();
+    assert_eq!(flat.rope_theta, 10_000.0);
+    // The model built from it rotates with θ = 500000, not 10000: compare the cosine of
+    // the slowest pair at position 100 with cos(100 · θ^(-2/4)).
+    let cos_at_100 = |cfg: &LlamaConfig| -> f32 {
+        let vb = candle_nn::VarBuilder::from_tensors(tiny_tensors(cfg), DType::F32, &Device::Cpu);
+        let model = modification::Llama::load(cfg, vb).unwrap();
+        let pos = Tensor::new(&[[100u32]], &Device::Cpu).unwrap();
+        let rope = model.rope.at(&pos, DType::F32).unwrap();
+        rope.cos.flatten_all().unwrap().to_vec1::<f32>().unwrap()[1]
+    };
+    let expect = |theta: f64| (100.0 * theta.powf(-2.0 / 4.0)).cos() as f32;
+    assert!((cos_at_100(&nested) - expect(500_000.0)).abs() < 1e-5);
+    assert!((cos_at_100(&flat) - expect(10_000.0)).abs() < 1e-5);
+    assert!((expect(500_000.0) - expect(10_000.0)).abs() > 0.1);
+    // Other rope types and contradictions are refused.
+    for extra in [
+        r#""rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}"#,
+        r#""rope_parameters": {"rope_theta": "big"}"#,
+        r#""rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}"#,
+    ] {
+        let err = LlamaConfig::from_json_str(&format!("{{{base}, {extra}}}")).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{extra}: {err:?}");
+    }
+    let default_scaling = LlamaConfig::from_json_str(&format!(
+        r#"{{{base}, "rope_scaling": {{"rope_type": "default"}}}}"#
+    ));
+    assert!(default_scaling.is_ok(), "{default_scaling:?}");
+}
