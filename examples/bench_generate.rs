@@ -40,12 +40,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> Result<()> {
     modification::runtime::tune_malloc_for_tensors();
     let args = Args::parse();
+    anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
+    anyhow::ensure!(args.decode_steps >= 1, "--decode-steps must be at least 1");
+    anyhow::ensure!(
+        args.prefill.iter().all(|&n| n >= 1),
+        "every --prefill length must be at least 1"
+    );
     let dev = Device::Cpu;
     let ckpt = Checkpoint::load(&args.model, DType::F32, &dev)?;
     let converted =
         ModModel::from_checkpoint(&ckpt).context("--model must be a converted model")?;
     let original = ModModel::dense(Llama::from_checkpoint(&ckpt)?)?;
-    let longest = *args.prefill.iter().max().unwrap_or(&512);
+    let max = ckpt.config.max_position_embeddings;
+    const DECODE_PROMPT: usize = 512;
+    let longest = (args.prefill.iter().copied())
+        .chain([DECODE_PROMPT + args.decode_steps])
+        .max()
+        .unwrap_or(DECODE_PROMPT);
+    anyhow::ensure!(
+        longest <= max,
+        "--prefill and 512 + --decode-steps must fit the context of {max} tokens"
+    );
     let specs = SourceSpec::folders_of(&args.data)?;
     let opts = CorpusOptions {
         seq_len: 256,
@@ -65,7 +80,11 @@ fn main() -> Result<()> {
         .unwrap_or(&corpus.sources[0])
         .heldout
         .concat();
-    let max = ckpt.config.max_position_embeddings;
+    anyhow::ensure!(
+        text.len() >= longest,
+        "the held-out text has {} tokens; {longest} are needed",
+        text.len()
+    );
     println!(
         "{:<28} {:>12} {:>12} {:>8}",
         "measure", "original", "converted", "ratio"
@@ -111,7 +130,7 @@ fn main() -> Result<()> {
             bc as f64 / bo as f64
         );
     }
-    let prompt = &text[..512.min(text.len())];
+    let prompt = &text[..DECODE_PROMPT];
     let mut rates = [Vec::new(), Vec::new()];
     for rep in 0..args.reps {
         for m in [rep % 2 == 0, rep % 2 == 1] {

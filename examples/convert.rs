@@ -199,7 +199,33 @@ fn main() -> Result<()> {
     let (mod_config, train_config) = settings(&args);
     // Settings errors before minutes of loading and evaluation.
     train_config.validate()?;
+    anyhow::ensure!(
+        args.sinks < args.seq_len,
+        "--sinks {} must be below --seq-len {}",
+        args.sinks,
+        args.seq_len
+    );
+    let state_dir = Trainer::state_dir(&args.out);
+    if args.resume {
+        anyhow::ensure!(
+            state_dir.is_dir(),
+            "--resume: there is no training state in {} (run without --resume to start)",
+            state_dir.display()
+        );
+    }
+    anyhow::ensure!(
+        args.prefill_tokens >= 1,
+        "--prefill-tokens must be at least 1"
+    );
     let ckpt = Checkpoint::load(&args.model, dtype, &device).context("loading the model")?;
+    anyhow::ensure!(
+        args.prefill_tokens <= ckpt.config.max_position_embeddings,
+        "--prefill-tokens {} exceeds the model's context of {}",
+        args.prefill_tokens,
+        ckpt.config.max_position_embeddings
+    );
+    // The settings are checked against the model before the corpus is read.
+    let mut trainer = Trainer::new(&ckpt, mod_config.clone(), train_config.clone())?;
     let eos = ckpt.config.eos_token_id.unwrap_or(0);
     let specs = SourceSpec::folders_of(&args.data)?;
     let opts = CorpusOptions {
@@ -220,8 +246,19 @@ fn main() -> Result<()> {
             .join(", ")
     );
 
-    // The settings are checked against the model before anything is evaluated.
-    let mut trainer = Trainer::new(&ckpt, mod_config.clone(), train_config.clone())?;
+    if args.resume {
+        trainer.load_state(&state_dir, &corpus).with_context(|| {
+            format!(
+                "--resume: the training state in {} does not fit",
+                state_dir.display()
+            )
+        })?;
+        println!(
+            "resumed from {} at step {}",
+            state_dir.display(),
+            trainer.step()
+        );
+    }
 
     // 1. The original model on every source's held-out rows.
     let dense = Llama::from_checkpoint(&ckpt)?;
@@ -234,15 +271,6 @@ fn main() -> Result<()> {
     }
 
     // 2. Convert.
-    let state_dir = Trainer::state_dir(&args.out);
-    if args.resume && state_dir.is_dir() {
-        trainer.load_state(&state_dir)?;
-        println!(
-            "resumed from {} at step {}",
-            state_dir.display(),
-            trainer.step()
-        );
-    }
     // A layer that keeps nothing but its forced sinks has collapsed.
     let collapse_floor = args.sinks as f64 / args.seq_len as f64 + 1e-9;
     let bar = ProgressBar::new(args.steps as u64);
@@ -314,8 +342,6 @@ fn main() -> Result<()> {
         calibration = Some(c);
     }
     trainer.save_converted(&args.out, &saved_config)?;
-    // save_converted replaced the folder: keep the final training state with it.
-    trainer.save_state(&state_dir)?;
     let reloaded = ModModel::load(
         args.out.to_str().context("--out is not UTF-8")?,
         dtype,

@@ -12,7 +12,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Parser;
-use modification::checkpoint::{tokenizer, Checkpoint};
+use modification::checkpoint::Checkpoint;
+use modification::text;
 use modification::{eval, Llama};
 use std::path::PathBuf;
 
@@ -61,7 +62,7 @@ fn main() -> Result<()> {
     for path in &args.text {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut ids = tokenizer::encode(&ckpt.tokenizer, &text)?;
+        let mut ids = text::encode(&ckpt.tokenizer, &text)?;
         ids.truncate(args.max_tokens);
         let (ppl, fractions) = match &routed {
             None => (eval::perplexity(&model, &ids)?, None),

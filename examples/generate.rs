@@ -30,7 +30,8 @@ struct Args {
     /// Largest number of new tokens.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Sampling temperature (0 = greedy).
+    /// Sampling temperature (0 = greedy: with the default repetition penalty of 1, the
+    /// continuation transformers' greedy `generate` gives).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
     /// Nucleus sampling threshold.
@@ -39,8 +40,8 @@ struct Args {
     /// Sample among the k most likely tokens.
     #[arg(long)]
     top_k: Option<usize>,
-    /// Repetition penalty (1 = none).
-    #[arg(long, default_value_t = 1.1)]
+    /// Repetition penalty over the last 64 tokens (1 = none, the default).
+    #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
     /// Sampler seed.
     #[arg(long, default_value_t = 299_792_458)]
@@ -110,7 +111,7 @@ fn main() -> Result<()> {
         println!("\nrouted layers per generated token (# = computed, . = skipped):");
         for (tok, r) in out.tokens.iter().zip(&out.routing) {
             let marks: String = r.iter().map(|(_, k)| if *k { '#' } else { '.' }).collect();
-            let text = modification::checkpoint::tokenizer::decode(&ckpt.tokenizer, &[*tok])?;
+            let text = modification::text::decode(&ckpt.tokenizer, &[*tok])?;
             println!("{marks}  {text:?}");
         }
     }

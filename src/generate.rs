@@ -1,9 +1,9 @@
 //! Text generation with the routed KV cache: prefill, then decode token by token.
 
-use crate::checkpoint::tokenizer::{decode, encode};
 use crate::error::{Error, Result};
 use crate::mod_model::ModModel;
 use crate::model::{Batch, Llama};
+use crate::text::{decode, encode};
 use candle_core::{IndexOp, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;

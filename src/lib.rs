@@ -27,7 +27,7 @@
 //! # fn main() -> modification::Result<()> {
 //! let ckpt = Checkpoint::load("assets/model/SmolLM2-135M-Instruct.Q4_1.gguf", DType::F32, &Device::Cpu)?;
 //! let model = Llama::from_checkpoint(&ckpt)?;
-//! let ids = modification::checkpoint::tokenizer::encode(&ckpt.tokenizer, "Call me Ishmael.")?;
+//! let ids = modification::text::encode(&ckpt.tokenizer, "Call me Ishmael.")?;
 //! let ppl = eval::perplexity(&model, &ids)?;
 //! println!("perplexity {:.2} over {} tokens", ppl.perplexity, ppl.tokens);
 //! # Ok(()) }
@@ -39,6 +39,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod fsutil;
 pub mod generate;
 pub mod loss;
 pub mod model;
@@ -51,6 +52,7 @@ pub mod mod_config;
 pub mod mod_model;
 pub mod routing;
 pub mod runtime;
+pub mod text;
 pub mod train;
 
 pub use mod_config::ModConfig;

@@ -781,7 +781,7 @@ fn failed_export_leaves_the_previous_folder_unchanged_and_no_staging() {
     export::save_hf(&ckpt, &out).unwrap();
     let before = snapshot(&out);
 
-    let err = export::write_dir_atomically(&out, |staging| {
+    let err = modification::fsutil::write_files_atomically(&out, |staging| {
         std::fs::write(staging.join("config.json"), "{ half written").unwrap();
         std::fs::write(staging.join("model.safetensors"), b"partial").unwrap();
         Err(Error::InvalidArgument(
@@ -803,13 +803,46 @@ fn failed_export_leaves_the_previous_folder_unchanged_and_no_staging() {
 
     // The same with no previous folder: nothing at all is left.
     let fresh = root.join("out").join("fresh");
-    let err = export::write_dir_atomically(&fresh, |_| {
+    let err = modification::fsutil::write_files_atomically(&fresh, |_| {
         Err(Error::InvalidArgument("simulated failure".to_string()))
     })
     .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     assert!(!fresh.exists());
     assert_eq!(entries(out.parent().unwrap()), ["model"]);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn export_keeps_unrelated_files_and_removes_stale_staging() {
+    let root = common::temp_dir("bad-export-keep");
+    let src = write_tiny_hf(&root.join("src"));
+    let ckpt = load(&src).unwrap();
+    let out = root.join("out");
+    std::fs::create_dir_all(out.join("trainer-state")).unwrap();
+    std::fs::write(out.join("NOTES.md"), "mine").unwrap();
+    std::fs::write(out.join("trainer-state").join("state.json"), "{}").unwrap();
+    // Staging left by a run that died (no process has this id: pids stay below 2^22).
+    let stale = out.join(".modification-staging-4194305");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"partial").unwrap();
+    export::save_hf(&ckpt, &out).unwrap();
+    assert_eq!(
+        entries(&out),
+        [
+            "NOTES.md",
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "trainer-state"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("NOTES.md")).unwrap(),
+        "mine"
+    );
+    assert!(out.join("trainer-state").join("state.json").is_file());
+    load(&out).unwrap();
     std::fs::remove_dir_all(root).unwrap();
 }
 

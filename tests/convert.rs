@@ -138,10 +138,10 @@ fn resumed_run_equals_uninterrupted_run() {
     for _ in 0..2 {
         first.train_step(corpus()).unwrap();
     }
-    first.save_state(&dir).unwrap();
+    first.save_state(&dir, corpus()).unwrap();
     drop(first); // "killed"
     let mut resumed = Trainer::new(ckpt, cfg, small_run(4)).unwrap();
-    resumed.load_state(&dir).unwrap();
+    resumed.load_state(&dir, corpus()).unwrap();
     assert_eq!(resumed.step(), 2);
     resumed.run(corpus(), None, 0, |_| {}).unwrap();
 
@@ -162,34 +162,107 @@ fn resumed_run_equals_uninterrupted_run() {
     };
     let mut mismatched = Trainer::new(ckpt, other, small_run(4)).unwrap();
     assert!(matches!(
-        mismatched.load_state(&dir),
+        mismatched.load_state(&dir, corpus()),
         Err(Error::Config { .. })
     ));
     std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
 }
 
 #[test]
+fn resume_checks_its_inputs_and_may_raise_the_steps() {
+    let ckpt = common::smollm2();
+    let cfg = ModConfig::default();
+    let dir = common::temp_dir("resume-inputs").join("state");
+    let mut first = Trainer::new(ckpt, cfg.clone(), small_run(3)).unwrap();
+    first.train_step(corpus()).unwrap();
+    first.train_step(corpus()).unwrap();
+    first.save_state(&dir, corpus()).unwrap();
+    let reason = |r: modification::Result<()>| match r {
+        Err(Error::Config { reason, .. }) => reason,
+        other => panic!("expected a config error, got {other:?}"),
+    };
+
+    // Another --seq-len is another corpus.
+    let specs = SourceSpec::folders_of(&common::root().join("assets/corpus")).unwrap();
+    let opts = CorpusOptions {
+        seq_len: 40,
+        heldout_rows: 2,
+        max_chars_per_source: 20_000,
+        seed: 1,
+    };
+    let other_rows = Corpus::load(&specs, &ckpt.tokenizer, 2, &opts).unwrap();
+    let mut t = Trainer::new(ckpt, cfg.clone(), small_run(3)).unwrap();
+    assert!(reason(t.load_state(&dir, &other_rows)).contains("corpus"));
+    // Other weights under the same config are another model.
+    let mut other_model = ckpt.clone();
+    let name = "model.embed_tokens.weight";
+    let scaled = (&other_model.tensors[name] * 1.5).unwrap();
+    other_model.tensors.insert(name.to_string(), scaled);
+    let mut t = Trainer::new(&other_model, cfg.clone(), small_run(3)).unwrap();
+    assert!(reason(t.load_state(&dir, corpus())).contains("base model"));
+    // Fewer steps than already done is refused; more steps continue from step 2.
+    let mut t = Trainer::new(ckpt, cfg.clone(), small_run(1)).unwrap();
+    assert!(reason(t.load_state(&dir, corpus())).contains("step 2"));
+    let mut longer = Trainer::new(ckpt, cfg, small_run(5)).unwrap();
+    longer.load_state(&dir, corpus()).unwrap();
+    assert_eq!(longer.step(), 2);
+    let mut steps = Vec::new();
+    longer
+        .run(corpus(), None, 0, |r| steps.push(r.step))
+        .unwrap();
+    assert_eq!(steps, [3, 4, 5]);
+    std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+}
+
+#[test]
 fn non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
     let mut ckpt: Checkpoint = common::smollm2().clone();
+    let cfg = small_run(3);
+    // Poison the embedding of a token that step 2's rows hold and step 1's do not: step 1
+    // trains and is checkpointed, step 2's loss turns NaN.
+    let step1: Vec<u32> = corpus()
+        .train_batch(cfg.seed, 0, 0, cfg.batch_size)
+        .concat();
+    let step2: Vec<u32> = corpus()
+        .train_batch(cfg.seed, 1, 0, cfg.batch_size)
+        .concat();
+    let poison = *step2.iter().find(|t| !step1.contains(t)).unwrap();
+    let name = "model.embed_tokens.weight";
+    // Untie lm_head first, so that only the poisoned token's input embedding is NaN.
+    ckpt.config.tie_word_embeddings = false;
+    let e = ckpt.tensors[name].clone();
+    ckpt.tensors.insert("lm_head.weight".to_string(), e.clone());
+    let row = (e.narrow(0, poison as usize, 1).unwrap() * f64::NAN).unwrap();
+    let poisoned = e
+        .slice_assign(
+            &[poison as usize..poison as usize + 1, 0..e.dim(1).unwrap()],
+            &row,
+        )
+        .unwrap();
+    ckpt.tensors.insert(name.to_string(), poisoned);
+
     let dir = common::temp_dir("nan").join("state");
-    let good = Trainer::new(&ckpt, ModConfig::default(), small_run(3)).unwrap();
-    good.save_state(&dir).unwrap();
-    let before = std::fs::read(dir.join("state.safetensors")).unwrap();
-    // Poison one weight: the forward pass turns NaN.
-    let name = "model.layers.2.mlp.down_proj.weight";
-    let w = &ckpt.tensors[name];
-    ckpt.tensors
-        .insert(name.to_string(), (w * f64::NAN).unwrap());
-    let mut bad = Trainer::new(&ckpt, ModConfig::default(), small_run(3)).unwrap();
-    let err = bad.run(corpus(), Some(&dir), 1, |_| {}).unwrap_err();
+    let mut bad = Trainer::new(&ckpt, ModConfig::default(), cfg.clone()).unwrap();
+    let mut done = Vec::new();
+    let err = bad
+        .run(corpus(), Some(&dir), 1, |r| done.push(r.step))
+        .unwrap_err();
     assert!(
-        matches!(err, Error::NonFiniteLoss { step: 1, .. }),
+        matches!(err, Error::NonFiniteLoss { step: 2, .. }),
         "{err:?}"
     );
-    assert_eq!(
-        std::fs::read(dir.join("state.safetensors")).unwrap(),
-        before
-    );
+    assert_eq!(done, [1]);
+    // The checkpoint on disk is step 1's, intact and finite: a resumed trainer holds
+    // exactly the weights the run had after step 1.
+    let mut resumed = Trainer::new(&ckpt, ModConfig::default(), cfg).unwrap();
+    resumed.load_state(&dir, corpus()).unwrap();
+    assert_eq!(resumed.step(), 1);
+    let after_step1 = bad.trained_tensors();
+    for (name, t) in resumed.trained_tensors() {
+        assert_eq!(common::max_diff(&t, &after_step1[&name]), 0.0, "{name}");
+        let sum = t.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(sum.is_finite(), "{name}");
+    }
     std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
 }
 

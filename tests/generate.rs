@@ -5,9 +5,9 @@ mod common;
 mod tiny;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use modification::checkpoint::tokenizer;
 use modification::generate::{self, decode_batch, SamplingConfig};
 use modification::mod_config::{KvPolicy, LayerRule, RoutedLayers};
+use modification::text;
 use modification::{Batch, Llama, ModConfig, ModModel, Mode};
 
 fn routed(kv: KvPolicy) -> ModModel {
@@ -166,9 +166,5 @@ fn real_model_greedy_reference_through_the_cache() {
     // The dense cache holds every prompt and generated token (but the last) at every layer.
     let entries = out.prompt_tokens + 19;
     assert_eq!(out.kv_bytes(), 30 * entries * 2 * 3 * 64 * 4);
-    let _ = (
-        tokenizer::encode,
-        DType::F32,
-        RoutedLayers::Rule(LayerRule::Odd),
-    );
+    let _ = (text::encode, DType::F32, RoutedLayers::Rule(LayerRule::Odd));
 }

@@ -4,7 +4,8 @@
 mod common;
 
 use candle_core::{DType, Device};
-use modification::checkpoint::{export, tokenizer};
+use modification::checkpoint::export;
+use modification::text;
 use modification::{eval, generate, Checkpoint, Llama};
 
 const REF_FIRST_IDS: [u32; 8] = [105, 511, 451, 314, 441, 1355, 2455, 30];
@@ -55,7 +56,7 @@ fn exported_hf_folder_reloads_with_same_perplexity_and_tokens() {
     let reloaded = Checkpoint::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(reloaded.config, common::smollm2().config);
     // The exported tokenizer.json gives the reference ids too.
-    let ids = tokenizer::encode(&reloaded.tokenizer, &common::moby_reference_text()).unwrap();
+    let ids = text::encode(&reloaded.tokenizer, &common::moby_reference_text()).unwrap();
     assert_eq!(&ids[..8], &REF_FIRST_IDS);
     let model = Llama::from_checkpoint(&reloaded).unwrap();
     assert_matches_reference(eval::perplexity(&model, &common::moby_reference_ids()).unwrap());
@@ -66,14 +67,14 @@ fn exported_hf_folder_reloads_with_same_perplexity_and_tokens() {
 fn greedy_continuation_matches_transformers() {
     let ckpt = common::smollm2();
     let model = Llama::from_checkpoint(ckpt).unwrap();
-    let prompt = tokenizer::encode(
+    let prompt = text::encode(
         &ckpt.tokenizer,
         "Once upon a time, there was a little girl named",
     )
     .unwrap();
     let new = generate::greedy(&model, &prompt, 20, None).unwrap();
     assert_eq!(new.len(), 20);
-    let text = tokenizer::decode(&ckpt.tokenizer, &new).unwrap();
+    let text = text::decode(&ckpt.tokenizer, &new).unwrap();
     assert_eq!(
         text,
         " Emma who loved to play in the sun. She would often go to the beach and play with her"

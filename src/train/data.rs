@@ -1,8 +1,8 @@
 //! The training corpus: a weighted mixture of text sources, tokenized, separated by EOS,
 //! with a fixed held-out slice per source that training never sees.
 
-use crate::checkpoint::tokenizer::encode;
 use crate::error::{Error, Result};
+use crate::text::encode;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -95,6 +95,35 @@ pub struct Corpus {
 }
 
 impl Corpus {
+    /// What identifies the corpus to a resumed run: the row length and, per source, its
+    /// name, weight, token counts and an FNV-1a hash of its tokens. Two corpora with the
+    /// same fingerprint give the same batches for the same seed and step.
+    pub fn fingerprint(&self) -> serde_json::Value {
+        let hash = |tokens: &mut dyn Iterator<Item = u32>| -> String {
+            let h = tokens.fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
+                t.to_le_bytes()
+                    .iter()
+                    .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+            });
+            format!("{h:016x}")
+        };
+        let sources: Vec<serde_json::Value> = self
+            .sources
+            .iter()
+            .map(|s| {
+                let mut tokens = s.heldout.iter().flatten().chain(&s.train).copied();
+                serde_json::json!({
+                    "name": s.name,
+                    "weight": s.weight,
+                    "heldout_tokens": s.heldout.iter().map(Vec::len).sum::<usize>(),
+                    "train_tokens": s.train.len(),
+                    "hash": hash(&mut tokens),
+                })
+            })
+            .collect();
+        serde_json::json!({ "seq_len": self.seq_len, "sources": sources })
+    }
+
     /// Reads and tokenizes every source: files sorted by path then shuffled with `seed`,
     /// each tokenized without BOS and followed by `eos`, until `max_chars_per_source`
     /// characters. The first `heldout_rows · seq_len` tokens are held out.

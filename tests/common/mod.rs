@@ -42,9 +42,7 @@ pub fn moby_reference_text() -> String {
 
 /// The first 256 token ids of the reference text (no BOS).
 pub fn moby_reference_ids() -> Vec<u32> {
-    let mut ids =
-        modification::checkpoint::tokenizer::encode(&smollm2().tokenizer, &moby_reference_text())
-            .unwrap();
+    let mut ids = modification::text::encode(&smollm2().tokenizer, &moby_reference_text()).unwrap();
     ids.truncate(256);
     ids
 }
