@@ -6,6 +6,9 @@
 //! The model around the layer is a 1-layer decoder with a 16-token vocabulary, so that
 //! embedding and `lm_head` cost nothing next to the layer.
 
+#[path = "../examples/support/mod.rs"]
+mod support;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -90,7 +93,7 @@ fn routed(base: &Llama, batch: &Batch, router: RouterKind, kept: f64) -> ModMode
 }
 
 fn bench(c: &mut Criterion) {
-    modification::runtime::tune_malloc_for_tensors();
+    support::tune_malloc_for_tensors();
     let cfg = config();
     let base = Llama::load(
         &cfg,

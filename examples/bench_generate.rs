@@ -5,6 +5,8 @@
 //! cargo run --release --example bench_generate -- --model out/smollm2-mod
 //! ```
 
+mod support;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
@@ -38,7 +40,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    modification::runtime::tune_malloc_for_tensors();
+    support::tune_malloc_for_tensors();
+    support::init_logging();
     let args = Args::parse();
     anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
     anyhow::ensure!(args.decode_steps >= 1, "--decode-steps must be at least 1");

@@ -13,6 +13,8 @@
 //! term, calibrates the thresholds to `--target-compute` on training rows, evaluates the
 //! converted model, saves it to `--out` and prints what it saves and costs.
 
+mod support;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
@@ -187,7 +189,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    modification::runtime::tune_malloc_for_tensors();
+    support::tune_malloc_for_tensors();
+    support::init_logging();
     let args = Args::parse();
     let started = Instant::now();
     let device = Device::Cpu;

@@ -9,6 +9,8 @@
 //! A converted (Mixture-of-Depths) folder is evaluated with its routers, deciding per
 //! token as generation does, and also reports its skip and compute fractions.
 
+mod support;
+
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Parser;
@@ -38,7 +40,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    modification::runtime::tune_malloc_for_tensors();
+    support::tune_malloc_for_tensors();
+    support::init_logging();
     let args = Args::parse();
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,

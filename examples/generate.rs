@@ -8,6 +8,8 @@
 //! dense model's for the same tokens), and the mean number of layers each generated token
 //! used. `--show-routing` marks, per generated token, the routed layers it went through.
 
+mod support;
+
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Parser;
@@ -52,7 +54,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    modification::runtime::tune_malloc_for_tensors();
+    support::tune_malloc_for_tensors();
+    support::init_logging();
     let args = Args::parse();
     let ckpt = Checkpoint::load(&args.model, DType::F32, &Device::Cpu)?;
     let model = if ckpt.extra_config.contains_key("mod") {

@@ -51,7 +51,6 @@ pub use model::{Batch, Llama};
 pub mod mod_config;
 pub mod mod_model;
 pub mod routing;
-pub mod runtime;
 pub mod text;
 pub mod train;
 

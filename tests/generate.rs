@@ -4,10 +4,9 @@ mod common;
 #[path = "common/tiny.rs"]
 mod tiny;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 use modification::generate::{self, decode_batch, SamplingConfig};
-use modification::mod_config::{KvPolicy, LayerRule, RoutedLayers};
-use modification::text;
+use modification::mod_config::KvPolicy;
 use modification::{Batch, Llama, ModConfig, ModModel, Mode};
 
 fn routed(kv: KvPolicy) -> ModModel {
@@ -166,5 +165,4 @@ fn real_model_greedy_reference_through_the_cache() {
     // The dense cache holds every prompt and generated token (but the last) at every layer.
     let entries = out.prompt_tokens + 19;
     assert_eq!(out.kv_bytes(), 30 * entries * 2 * 3 * 64 * 4);
-    let _ = (text::encode, DType::F32, RoutedLayers::Rule(LayerRule::Odd));
 }

@@ -1,4 +1,19 @@
-//! Process-wide settings that make candle's CPU backend faster.
+//! What every example (and bench) binary sets up at start: the allocator tuning that
+//! candle's CPU backend needs, and `tracing` output filtered by `RUST_LOG`.
+//!
+//! Process-wide settings belong to the binaries, not to the library.
+#![allow(dead_code)]
+
+/// Installs a `tracing` subscriber that prints to stderr the events `RUST_LOG` selects
+/// (`RUST_LOG=modification=debug`, ...); nothing when it is unset.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 
 /// Makes glibc's malloc keep freed memory for reuse instead of returning it to the OS.
 ///
