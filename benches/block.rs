@@ -12,7 +12,7 @@ mod support;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use modification::mod_config::{LayerRule, RoutedLayers, RouterKind};
+use modification::mixture_of_depths::{LayerRule, RoutedLayers, RouterKind};
 use modification::{Batch, Llama, LlamaConfig, ModConfig, ModModel, Mode};
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;

@@ -21,7 +21,7 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use modification::calibrate::calibrate_compute;
 use modification::eval::{self, RoutedEval};
-use modification::mod_config::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
+use modification::mixture_of_depths::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
 use modification::model::LoraConfig;
 use modification::train::{
     Corpus, CorpusOptions, Objective, SourceSpec, TrainConfig, Trainable, Trainer,

@@ -7,8 +7,8 @@
 //! rows from the training split (never on held-out text).
 
 use crate::error::{Error, Result};
-use crate::mod_config::RouterKind;
-use crate::mod_model::{ModModel, Mode};
+use crate::mixture_of_depths::RouterKind;
+use crate::mixture_of_depths::{ModModel, Mode};
 use crate::model::Batch;
 use serde::Serialize;
 use std::collections::BTreeMap;

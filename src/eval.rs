@@ -76,7 +76,7 @@ pub fn dense_rows_perplexity(model: &Llama, rows: &[Vec<u32>]) -> Result<Perplex
 ///
 /// Errors: as [`dense_rows_perplexity`].
 pub fn routed_rows_eval(
-    model: &crate::mod_model::ModModel,
+    model: &crate::mixture_of_depths::ModModel,
     rows: &[Vec<u32>],
     causal: bool,
 ) -> Result<RoutedEval> {
@@ -87,7 +87,7 @@ pub fn routed_rows_eval(
         base.config().max_position_embeddings,
         base.device(),
     )?;
-    let mode = crate::mod_model::Mode::Inference;
+    let mode = crate::mixture_of_depths::Mode::Inference;
     let out = if causal {
         model.forward_causal(&batch, mode)?
     } else {
@@ -95,8 +95,8 @@ pub fn routed_rows_eval(
     };
     let layers = base.config().num_hidden_layers;
     let kv_entries = match model.config().kv_policy {
-        crate::mod_config::KvPolicy::Keep => (layers * batch.num_tokens()) as f64,
-        crate::mod_config::KvPolicy::Skip => {
+        crate::mixture_of_depths::KvPolicy::Keep => (layers * batch.num_tokens()) as f64,
+        crate::mixture_of_depths::KvPolicy::Skip => {
             out.stats.iter().map(|s| s.kept as f64).sum::<f64>()
                 + ((layers - out.stats.len()) * batch.num_tokens()) as f64
         }

@@ -1,7 +1,7 @@
 //! Text generation with the routed KV cache: prefill, then decode token by token.
 
 use crate::error::{Error, Result};
-use crate::mod_model::ModModel;
+use crate::mixture_of_depths::ModModel;
 use crate::model::{Batch, Llama};
 use crate::text::{decode, encode};
 use candle_core::{IndexOp, D};

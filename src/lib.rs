@@ -11,7 +11,7 @@
 //!   tokenizer, hub ids) and out (atomic HF export, converted MoD models);
 //! - [`model`]: the dense LLaMA decoder over explicit positions and padding, and its
 //!   routed KV cache;
-//! - [`routing`] and [`mod_model`]: router gates, the threshold-p and top-k operators,
+//! - [`routing`] and [`mixture_of_depths`]: router gates, the threshold-p and top-k operators,
 //!   sparse gather/compute/scatter, the training-mode gate estimator;
 //! - [`loss`], [`train`]: the LM loss plus the load-reducing objective, AdamW, the data
 //!   mixture, checkpoints and resume;
@@ -48,14 +48,12 @@ pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use model::{Batch, Llama};
-pub mod mod_config;
-pub mod mod_model;
+pub mod mixture_of_depths;
 pub mod routing;
 pub mod text;
 pub mod train;
 
-pub use mod_config::ModConfig;
-pub use mod_model::{HiddenOutput, ModModel, ModOutput, Mode};
+pub use mixture_of_depths::{HiddenOutput, ModConfig, ModModel, ModOutput, Mode};
 
 /// The README's code examples, compiled as doctests so that they stay true.
 #[cfg(doctest)]

@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use modification::checkpoint::converted::save_converted;
 use modification::eval;
-use modification::mod_config::RouterKind;
+use modification::mixture_of_depths::RouterKind;
 use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainer};
 use modification::{Batch, Checkpoint, Error, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;

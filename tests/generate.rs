@@ -6,7 +6,7 @@ mod tiny;
 
 use candle_core::{Device, IndexOp, Tensor};
 use modification::generate::{self, decode_batch, SamplingConfig};
-use modification::mod_config::KvPolicy;
+use modification::mixture_of_depths::KvPolicy;
 use modification::{Batch, Llama, ModConfig, ModModel, Mode};
 
 fn routed(kv: KvPolicy) -> ModModel {

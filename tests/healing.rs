@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use modification::calibrate::calibrate_compute;
 use modification::loss::{self, chunked_objective};
-use modification::mod_config::{KvPolicy, RouterKind};
+use modification::mixture_of_depths::{KvPolicy, RouterKind};
 use modification::model::LoraConfig;
 use modification::train::{Objective, TrainConfig, Trainable, Trainer};
 use modification::{Batch, Error, Llama, ModConfig, ModModel, Mode};

@@ -7,7 +7,7 @@ mod tiny;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use modification::mod_config::{GateScaling, KvPolicy, RouterKind};
+use modification::mixture_of_depths::{GateScaling, KvPolicy, RouterKind};
 use modification::model::attention_mask;
 use modification::routing::selection;
 use modification::{loss, Batch, Llama, ModConfig, ModModel, Mode};
@@ -518,7 +518,12 @@ fn gate_gradient_stays_finite_for_saturated_logits() {
     let x =
         Var::from_tensor(&Tensor::new(&[-500f32, -90.0, 0.0, 90.0, 500.0], &Device::Cpu).unwrap())
             .unwrap();
-    let g = modification::model::ops::sigmoid(x.as_tensor()).unwrap();
+    let router = modification::routing::Router::from_tensors(
+        Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let g = router.gates(x.as_tensor()).unwrap();
     let values: Vec<f32> = g.to_vec1().unwrap();
     assert_eq!(values[0], 0.0);
     assert_eq!(values[2], 0.5);

@@ -7,7 +7,7 @@ mod tiny;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use modification::generate::decode_batch;
-use modification::mod_config::{KvPolicy, RouterKind};
+use modification::mixture_of_depths::{KvPolicy, RouterKind};
 use modification::model::kv_cache::KvCache;
 use modification::{Batch, Error, ModConfig, ModModel, Mode};
 

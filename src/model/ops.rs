@@ -45,10 +45,3 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::silu(x)?)
 }
-
-/// Logistic sigmoid `1 / (1 + exp(-x))` with the backward `g · (1 − g)` (candle-nn's op).
-/// Composing it from `exp` and `recip` instead gives a NaN gradient (`0 · inf`) once a
-/// router logit passes about −88.
-pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::sigmoid(x)?)
-}

@@ -1,7 +1,6 @@
 //! The router gate of one routed layer.
 
 use crate::error::Result;
-use crate::model::ops::sigmoid;
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -29,8 +28,30 @@ impl Router {
     }
 
     /// Builds a router from explicit tensors: `weight` `(1, d)`, `bias` `(1,)`, f32.
-    pub fn from_tensors(weight: Tensor, bias: Tensor) -> Self {
-        Self { weight, bias }
+    ///
+    /// Errors: [`crate::Error::ShapeMismatch`] for another shape;
+    /// [`crate::Error::InvalidArgument`] for another dtype.
+    pub fn from_tensors(weight: Tensor, bias: Tensor) -> Result<Self> {
+        let d = weight.dims().last().copied().unwrap_or(0);
+        for (name, t, want) in [
+            ("weight", &weight, vec![1, d.max(1)]),
+            ("bias", &bias, vec![1]),
+        ] {
+            if t.dims() != want.as_slice() {
+                return Err(crate::Error::ShapeMismatch {
+                    name: format!("router.{name}"),
+                    expected: want,
+                    found: t.dims().to_vec(),
+                });
+            }
+            if t.dtype() != DType::F32 {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "router {name} must be f32, got {:?}",
+                    t.dtype()
+                )));
+            }
+        }
+        Ok(Self { weight, bias })
     }
 
     /// Router logits `w · x_i + b`: `x` `(B, T, d)` (any float dtype) -> `(B, T)` f32.
@@ -40,9 +61,11 @@ impl Router {
         Ok(logits.broadcast_add(&self.bias)?)
     }
 
-    /// Gate values `g = sigmoid(logits)`, `(B, T)` f32 in (0, 1).
+    /// Gate values `g = sigmoid(logits)`, `(B, T)` f32 in (0, 1). candle-nn's sigmoid op
+    /// has the backward `g · (1 − g)`; one composed of `exp` and `recip` gives a NaN
+    /// gradient (`0 · inf`) once a logit passes about −88.
     pub fn gates(&self, logits: &Tensor) -> Result<Tensor> {
-        sigmoid(logits)
+        Ok(candle_nn::ops::sigmoid(logits)?)
     }
 
     /// The weight `(1, d)` and bias `(1,)`.

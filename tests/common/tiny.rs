@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use modification::mod_config::{LayerRule, RoutedLayers};
+use modification::mixture_of_depths::{LayerRule, RoutedLayers};
 use modification::{Llama, LlamaConfig, ModConfig, ModModel};
 use std::collections::HashMap;
 

@@ -6,20 +6,20 @@
 //! whose update is added to the residual stream) and the *writers* (tokens that write keys
 //! and values at this layer). A dense layer has every token in both; a routed layer's
 //! queries are its kept tokens, and its writers are the kept tokens under
-//! [`KvPolicy::Skip`](crate::mod_config::KvPolicy::Skip) or every token under `Keep`. The
+//! [`KvPolicy::Skip`](crate::mixture_of_depths::KvPolicy::Skip) or every token under `Keep`. The
 //! keys a query attends to are the cache's entries of its row (when a cache is given),
 //! then this call's writers, causally by original position.
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::mod_config::KvPolicy;
+use crate::mixture_of_depths::KvPolicy;
 use crate::model::flops::layer_flops;
 use crate::model::kv_cache::{KvCache, LayerKeys};
 use crate::model::{attention_mask, Batch, Block, Llama, RopeAt, RotaryEmbedding};
 use crate::routing::{Dispatch, Selection};
 use candle_core::{DType, IndexOp, Tensor};
 
-use super::Routing;
+use super::model::Routing;
 
 /// The token sets of one call of a layer.
 pub(super) struct LayerTokens<'a> {

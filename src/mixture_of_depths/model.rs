@@ -1,15 +1,13 @@
-//! The Mixture-of-Depths model: a [`Llama`] whose routed layers compute only the tokens
-//! their router keeps (MoDification, threshold-p; or MoD's top-k).
+//! [`ModModel`]: a [`Llama`] plus one router per routed layer, and its forward passes.
 
 use crate::error::Result;
-use crate::mod_config::{GateInput, GateScaling, KvPolicy, ModConfig, RouterKind};
+use crate::mixture_of_depths::{GateInput, GateScaling, KvPolicy, ModConfig, RouterKind};
 use crate::model::flops::{lm_head_flops, router_flops};
 use crate::model::kv_cache::KvCache;
 use crate::model::{Batch, Block, Llama};
 use crate::routing::{selection, Router, RoutingStats, Selection};
 
-mod cached;
-mod layer;
+use super::layer;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
@@ -117,8 +115,8 @@ impl ModModel {
     /// Errors: none in practice; [`crate::Error::Config`] if the base config is invalid.
     pub fn dense(base: Llama) -> Result<Self> {
         let config = ModConfig {
-            routed_layers: crate::mod_config::RoutedLayers::Rule(
-                crate::mod_config::LayerRule::None,
+            routed_layers: crate::mixture_of_depths::RoutedLayers::Rule(
+                crate::mixture_of_depths::LayerRule::None,
             ),
             ..ModConfig::default()
         };
@@ -177,7 +175,7 @@ impl ModModel {
         self.run(batch, mode, false, None)
     }
 
-    fn with_logits(&self, out: HiddenOutput) -> Result<ModOutput> {
+    pub(super) fn with_logits(&self, out: HiddenOutput) -> Result<ModOutput> {
         Ok(ModOutput {
             logits: self.base.logits(&out.hidden)?,
             stats: out.stats,
@@ -386,15 +384,15 @@ impl ModModel {
 }
 
 /// A routed layer's decision on a batch.
-pub(crate) struct Routing {
+pub(super) struct Routing {
     /// Router logits `(B, T)` f32.
-    logits: Tensor,
+    pub(super) logits: Tensor,
     /// Kept tokens.
-    sel: Selection,
+    pub(super) sel: Selection,
     /// Kept mask `(B, T)` f32.
-    f: Tensor,
+    pub(super) f: Tensor,
     /// Output weight of every token `(B, T)` f32.
-    w: Tensor,
+    pub(super) w: Tensor,
     /// Mean gate over valid tokens (scalar, differentiable in training).
-    mean_gate: Tensor,
+    pub(super) mean_gate: Tensor,
 }

@@ -10,7 +10,7 @@ impl ModModel {
     ///
     /// Errors: [`crate::Error::InvalidArgument`] for zero rows.
     pub fn new_cache(&self, batch: usize) -> Result<KvCache> {
-        KvCache::new(self.base.config().num_hidden_layers, batch)
+        KvCache::new(self.base().config().num_hidden_layers, batch)
     }
 
     /// Runs new tokens through the model against `cache`, appends their keys and values
@@ -22,7 +22,7 @@ impl ModModel {
     ///
     /// Every routed layer decides causally, per token ([`ModModel::forward_causal`]), so a
     /// prefill followed by decode steps gives the logits of one full forward pass. A token
-    /// skipped at a routed layer under [`KvPolicy::Skip`](crate::mod_config::KvPolicy)
+    /// skipped at a routed layer under [`KvPolicy::Skip`](crate::mixture_of_depths::KvPolicy)
     /// gets no cache entry there; under `Keep` it still writes K/V. Padding never enters
     /// the cache.
     ///
