@@ -96,8 +96,8 @@ fn bench(c: &mut Criterion) {
     support::tune_malloc_for_tensors();
     let cfg = config();
     let base = Llama::load(
-        &cfg,
         VarBuilder::from_tensors(weights(&cfg), DType::F32, &Device::Cpu),
+        &cfg,
     )
     .unwrap();
     let ids: Vec<u32> = (0..T as u32).map(|i| (i * 7 + 3) % 16).collect();

@@ -902,9 +902,9 @@ fn nested_rope_parameters_reach_the_rotary_table() {
     // the slowest pair at position 100 with cos(100 · θ^(-2/4)).
     let cos_at_100 = |cfg: &LlamaConfig| -> f32 {
         let vb = candle_nn::VarBuilder::from_tensors(tiny_tensors(cfg), DType::F32, &Device::Cpu);
-        let model = modification::Llama::load(cfg, vb).unwrap();
+        let model = modification::Llama::load(vb, cfg).unwrap();
         let pos = Tensor::new(&[[100u32]], &Device::Cpu).unwrap();
-        let rope = model.rope.at(&pos, DType::F32).unwrap();
+        let rope = model.rope().at(&pos, DType::F32).unwrap();
         rope.cos.flatten_all().unwrap().to_vec1::<f32>().unwrap()[1]
     };
     let expect = |theta: f64| (100.0 * theta.powf(-2.0 / 4.0)).cos() as f32;

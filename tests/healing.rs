@@ -51,7 +51,7 @@ fn chunked_objective_equals_the_full_logit_losses() {
     for t in w.values_mut() {
         *t = (&*t * 1.3).unwrap();
     }
-    let teacher = Llama::load(&cfg, VarBuilder::from_tensors(w, DType::F32, &Device::Cpu)).unwrap();
+    let teacher = Llama::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg).unwrap();
     let rows = vec![tiny::ids(40, 1), tiny::ids(33, 2)];
     let batch = Batch::from_rows(&rows, 0, 64, &Device::Cpu).unwrap();
     let hs = student.forward_hidden(&batch).unwrap();
@@ -157,7 +157,7 @@ fn lora_trains_only_adapters_and_routers_and_merges_exactly() {
     assert!(grad_norm(b) > 0.0, "the adapter did not train");
 
     // Base weights are bit-identical until the merge.
-    for (i, layer) in trainer.model().base().layers.iter().enumerate() {
+    for (i, layer) in trainer.model().base().layers().iter().enumerate() {
         for (name, proj) in layer.projections() {
             let key = format!("model.layers.{i}.{name}.weight");
             assert_eq!(

@@ -88,13 +88,13 @@ fn all_gates_closed_makes_every_routed_layer_the_identity() {
 fn threshold_p_keeps_the_routers_choices_in_ascending_order() {
     let gates = [0.1, 0.9, 0.3, 0.7, 0.5, 0.49];
     let sel = selection::threshold_p(&gates, &[6], 6, 0.5, &[0]).unwrap();
-    assert_eq!(sel.kept, vec![vec![1, 3, 4]]);
+    assert_eq!(sel.kept(), vec![vec![1, 3, 4]]);
     // A sink is kept whatever its gate says.
     let sel = selection::threshold_p(&gates, &[6], 6, 0.5, &[1]).unwrap();
-    assert_eq!(sel.kept, vec![vec![0, 1, 3, 4]]);
+    assert_eq!(sel.kept(), vec![vec![0, 1, 3, 4]]);
     // Padding (positions >= length) is never kept.
     let sel = selection::threshold_p(&[0.9; 10], &[3, 5], 5, 0.5, &[0, 0]).unwrap();
-    assert_eq!(sel.kept, vec![vec![0, 1, 2], vec![0, 1, 2, 3, 4]]);
+    assert_eq!(sel.kept(), vec![vec![0, 1, 2], vec![0, 1, 2, 3, 4]]);
     for bad in [0.0, 1.0, -0.1, f64::NAN] {
         assert!(selection::threshold_p(&gates, &[6], 6, bad, &[0]).is_err());
     }
@@ -104,16 +104,16 @@ fn threshold_p_keeps_the_routers_choices_in_ascending_order() {
 fn top_k_keeps_largest_logits_not_first_positions() {
     // k = ceil(0.5 · 4) = 2: the two largest logits, at positions 2 and 3.
     let sel = selection::top_k(&[0.0, 0.0, 9.0, 8.0], &[4], 4, 0.5, &[0]).unwrap();
-    assert_eq!(sel.kept, vec![vec![2, 3]]);
+    assert_eq!(sel.kept(), vec![vec![2, 3]]);
     // Ties go to the lower position.
     let sel = selection::top_k(&[1.0, 2.0, 2.0, 2.0], &[4], 4, 0.5, &[0]).unwrap();
-    assert_eq!(sel.kept, vec![vec![1, 2]]);
+    assert_eq!(sel.kept(), vec![vec![1, 2]]);
     // k counts valid tokens only; padding (huge logits) is never kept; ascending output.
     let sel = selection::top_k(&[3.0, 1.0, 2.0, 99.0, 99.0], &[3], 5, 0.6, &[0]).unwrap();
-    assert_eq!(sel.kept, vec![vec![0, 2]]);
+    assert_eq!(sel.kept(), vec![vec![0, 2]]);
     // A sink takes one of the k slots.
     let sel = selection::top_k(&[-5.0, 1.0, 3.0, 2.0], &[4], 4, 0.5, &[1]).unwrap();
-    assert_eq!(sel.kept, vec![vec![0, 2]]);
+    assert_eq!(sel.kept(), vec![vec![0, 2]]);
     for bad in [0.0, 1.01, f64::NAN] {
         assert!(selection::top_k(&[1.0], &[1], 1, bad, &[0]).is_err());
     }
@@ -123,7 +123,7 @@ fn top_k_keeps_largest_logits_not_first_positions() {
 fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Tensor) {
     let base = tiny::llama(2);
     let batch = Batch::single(&tiny::ids(16, 3), 64, &Device::Cpu).unwrap();
-    let rope = base.rope.at(batch.positions(), DType::F32).unwrap();
+    let rope = base.rope().at(batch.positions(), DType::F32).unwrap();
     let mask = attention_mask(
         batch.positions(),
         batch.positions(),
@@ -132,7 +132,7 @@ fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Ten
     )
     .unwrap();
     let x = base.embed(batch.ids()).unwrap();
-    let h0 = (&x + base.layers[0].delta(&x, &rope, &mask).unwrap()).unwrap();
+    let h0 = (&x + base.layers()[0].delta(&x, &rope, &mask).unwrap()).unwrap();
     let cfg = ModConfig {
         kv_policy: kv,
         gate_scaling: scaling,
@@ -181,8 +181,8 @@ fn routed_layer_equals_dense_layer_without_skipped_tokens_at_original_positions(
             }
         }
         let mask = Tensor::from_vec(allowed, (1, 1, t, t), &Device::Cpu).unwrap();
-        let rope = base.rope.at(batch.positions(), DType::F32).unwrap();
-        let delta = base.layers[1].delta(&h0, &rope, &mask).unwrap();
+        let rope = base.rope().at(batch.positions(), DType::F32).unwrap();
+        let delta = base.layers()[1].delta(&h0, &rope, &mask).unwrap();
         let mut rows = Vec::new();
         for i in 0..t {
             let h = h0.i((0, i)).unwrap();
@@ -222,7 +222,7 @@ fn keep_policy_skipped_tokens_still_serve_dense_keys_and_values() {
     // Under Keep a kept token sees every earlier token's K/V, computed from the unchanged
     // hidden state exactly as the dense layer does: its update equals the dense layer's.
     let base = m.base();
-    let rope = base.rope.at(batch.positions(), DType::F32).unwrap();
+    let rope = base.rope().at(batch.positions(), DType::F32).unwrap();
     let mask = attention_mask(
         batch.positions(),
         batch.positions(),
@@ -230,7 +230,7 @@ fn keep_policy_skipped_tokens_still_serve_dense_keys_and_values() {
         DType::F32,
     )
     .unwrap();
-    let dense_delta = base.layers[1].delta(&h0, &rope, &mask).unwrap();
+    let dense_delta = base.layers()[1].delta(&h0, &rope, &mask).unwrap();
     let rows: Vec<Tensor> = (0..16)
         .map(|i| {
             let h = h0.i((0, i)).unwrap();
@@ -427,7 +427,7 @@ fn backward_reaches_every_router_and_block_weight_with_finite_loss() {
         }
     }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let base = Llama::load(&cfg, vb.clone()).unwrap();
+    let base = Llama::load(vb.clone(), &cfg).unwrap();
     let mcfg = ModConfig {
         router: threshold(0.5),
         gate_init_bias: 0.5,

@@ -54,14 +54,14 @@ pub(super) fn sparse_layer(
         Some(dw) => {
             let positions = dw.gather_tokens(batch.positions())?;
             let (k, v) = layer
-                .attn
+                .attention()
                 .key_values(&dw.gather(&normed)?, &rope.at(&positions, dtype)?)?;
             Some(LayerKeys {
                 k,
                 v,
                 positions,
-                valid: dw.valid.clone(),
-                lengths: tokens.writers.kept.iter().map(Vec::len).collect(),
+                valid: dw.valid().clone(),
+                lengths: tokens.writers.kept_per_row(),
             })
         }
     };
@@ -111,7 +111,7 @@ pub(super) fn layer_cost(
     writers: &Selection,
     keys_per_row: &[usize],
 ) -> f64 {
-    let q: Vec<usize> = queries.kept.iter().map(Vec::len).collect();
+    let q: Vec<usize> = queries.kept_per_row();
     let pairs = q.iter().zip(keys_per_row).map(|(q, k)| q * k).sum();
     layer_flops(cfg, q.iter().sum(), writers.num_kept(), pairs)
 }
@@ -130,7 +130,7 @@ impl<'a> TrainingInput<'a> {
         let positions = batch.positions();
         Ok(Self {
             batch,
-            rope: base.rope.at(positions, dtype)?,
+            rope: base.rope().at(positions, dtype)?,
             dense_mask: attention_mask(positions, positions, batch.valid(), dtype)?,
         })
     }

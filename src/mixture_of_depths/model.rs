@@ -206,11 +206,11 @@ impl ModModel {
         let base = &self.base;
         base.check_batch(batch)?;
         if let Some(cache) = cache.as_deref() {
-            if cache.num_layers() != base.layers.len() {
+            if cache.num_layers() != base.layers().len() {
                 return Err(crate::Error::InvalidArgument(format!(
                     "a KV cache of {} layers for a model of {}",
                     cache.num_layers(),
-                    base.layers.len()
+                    base.layers().len()
                 )));
             }
             cache.check_continues(batch.starts())?;
@@ -232,7 +232,7 @@ impl ModModel {
         };
         let mut x = base.embed(batch.ids())?;
         let mut stats = Vec::with_capacity(self.routers.len());
-        for (j, layer) in base.layers.iter().enumerate() {
+        for (j, layer) in base.layers().iter().enumerate() {
             let routing = match self.routers.get(&j) {
                 Some(router) => Some(self.route(j, layer, router, &x, batch, mode, causal)?),
                 None => None,
@@ -247,7 +247,7 @@ impl ModModel {
                     // Every token is computed (for its gate's gradient); the cost is that
                     // of the sparse layer the same decisions give at inference.
                     let next = input.layer(layer, &x, routing.as_ref(), self.config.kv_policy)?;
-                    let keys: Vec<usize> = writers.kept.iter().map(Vec::len).collect();
+                    let keys: Vec<usize> = writers.kept_per_row();
                     (next, layer::layer_cost(cfg, queries, writers, &keys))
                 }
                 None => {
@@ -261,7 +261,7 @@ impl ModModel {
                         weights,
                     };
                     let cache = cache.as_deref_mut();
-                    layer::sparse_layer(layer, j, &x, batch, &base.rope, cfg, tokens, cache)?
+                    layer::sparse_layer(layer, j, &x, batch, base.rope(), cfg, tokens, cache)?
                 }
             };
             x = next;

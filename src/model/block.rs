@@ -16,11 +16,9 @@ use candle_nn::VarBuilder;
 /// scale it by the gate and add it to the residual stream exactly once.
 #[derive(Debug, Clone)]
 pub struct Block {
-    /// Self-attention (public so that a routed layer can compute keys of skipped tokens).
-    pub attn: Attention,
+    attn: Attention,
     mlp: Mlp,
-    /// `input_layernorm.weight`, `(d,)`.
-    pub input_norm: Tensor,
+    input_norm: Tensor,
     post_attn_norm: Tensor,
     eps: f64,
 }
@@ -41,6 +39,12 @@ impl Block {
             post_attn_norm: vb.pp("post_attention_layernorm").get(d, "weight")?,
             eps: cfg.rms_norm_eps,
         })
+    }
+
+    /// Self-attention (a routed layer computes keys and values of tokens it does not
+    /// compute as queries).
+    pub fn attention(&self) -> &Attention {
+        &self.attn
     }
 
     /// Every projection of the layer with its HF name relative to the layer

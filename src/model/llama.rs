@@ -17,12 +17,10 @@ use candle_nn::{Embedding, VarBuilder};
 #[derive(Debug, Clone)]
 pub struct Llama {
     embed: Embedding,
-    /// The decoder layers, in order.
-    pub layers: Vec<Block>,
+    layers: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
-    /// RoPE tables for the whole context.
-    pub rope: RotaryEmbedding,
+    rope: RotaryEmbedding,
     config: LlamaConfig,
     dtype: DType,
     device: Device,
@@ -35,7 +33,7 @@ impl Llama {
     /// Errors: [`Error::Config`] for an invalid config; [`Error::Candle`] when `vb` lacks a
     /// tensor or has one of another shape (a [`Checkpoint`] is validated with typed errors
     /// before it gets here, see [`Llama::from_checkpoint`]).
-    pub fn load(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.hidden_size;
         let embed_w = vb
@@ -74,7 +72,17 @@ impl Llama {
     pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
         ckpt.validate()?;
         let vb = VarBuilder::from_tensors(ckpt.tensors.clone(), ckpt.dtype(), &ckpt.device());
-        Self::load(&ckpt.config, vb)
+        Self::load(vb, &ckpt.config)
+    }
+
+    /// The decoder layers, in order.
+    pub fn layers(&self) -> &[Block] {
+        &self.layers
+    }
+
+    /// RoPE tables for the whole context.
+    pub fn rope(&self) -> &RotaryEmbedding {
+        &self.rope
     }
 
     /// The architecture.
@@ -129,7 +137,7 @@ impl Llama {
     ///
     /// Errors: [`Error::InvalidArgument`] from [`LoraConfig::validate`];
     /// [`Error::Candle`] when a stored adapter tensor is misshapen.
-    pub fn attach_lora(&mut self, cfg: &LoraConfig, vb: VarBuilder) -> Result<()> {
+    pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &LoraConfig) -> Result<()> {
         cfg.validate(self.config.hidden_size)?;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             layer.attach_lora(vb.pp(format!("model.layers.{i}")), cfg)?;

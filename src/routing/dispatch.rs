@@ -13,8 +13,7 @@ use candle_core::{DType, Device, Tensor};
 pub struct Dispatch {
     /// `None` for the identity (every token kept).
     index: Option<SlotIndex>,
-    /// 1 for a kept token, 0 for a padding slot, `(B, K)` u8.
-    pub valid: Tensor,
+    valid: Tensor,
     batch: usize,
     width: usize,
     seq_len: usize,
@@ -33,14 +32,9 @@ impl Dispatch {
     /// model's activation dtype. `None` when no row keeps a token (the layer is the
     /// identity and computes nothing).
     ///
-    /// Errors: [`crate::Error::InvalidArgument`] for a kept position outside the rows.
+    /// Errors: [`crate::Error::Candle`] when the index tensors cannot be built.
     pub fn new(sel: &Selection, device: &Device, dtype: DType) -> Result<Option<Self>> {
-        let (b, k, t) = (sel.kept.len(), sel.max_kept(), sel.seq_len);
-        if let Some(&bad) = sel.kept.iter().flatten().find(|&&p| p as usize >= t) {
-            return Err(crate::Error::InvalidArgument(format!(
-                "kept position {bad} is outside rows of {t} tokens"
-            )));
-        }
+        let (b, k, t) = (sel.kept().len(), sel.max_kept(), sel.seq_len());
         if k == 0 {
             return Ok(None);
         }
@@ -55,7 +49,7 @@ impl Dispatch {
         }
         let mut flat = Vec::with_capacity(b * k);
         let mut valid = Vec::with_capacity(b * k);
-        for (row, kept) in sel.kept.iter().enumerate() {
+        for (row, kept) in sel.kept().iter().enumerate() {
             for slot in 0..k {
                 let p = kept.get(slot).copied();
                 flat.push((row * t) as u32 + p.unwrap_or(0));
@@ -73,6 +67,11 @@ impl Dispatch {
             width: k,
             seq_len: t,
         }))
+    }
+
+    /// 1 for a kept token, 0 for a padding slot, `(B, K)` u8.
+    pub fn valid(&self) -> &Tensor {
+        &self.valid
     }
 
     /// Slots per row K.

@@ -3,16 +3,45 @@
 use crate::error::{Error, Result};
 
 /// The tokens a routed layer keeps: per row of the batch, the kept positions (indices into
-/// the row) in ascending order. Padding is never kept.
+/// the row, `< T`) in strictly ascending order. Padding is never kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection {
-    /// Kept positions of every row, ascending.
-    pub kept: Vec<Vec<u32>>,
-    /// Padded row length T.
-    pub seq_len: usize,
+    kept: Vec<Vec<u32>>,
+    seq_len: usize,
 }
 
 impl Selection {
+    /// A selection of the given kept positions per row, in rows padded to `seq_len`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a position `>= seq_len` or a row that is not
+    /// strictly ascending.
+    pub fn new(kept: Vec<Vec<u32>>, seq_len: usize) -> Result<Self> {
+        for (b, row) in kept.iter().enumerate() {
+            let ascending = row.windows(2).all(|w| w[0] < w[1]);
+            if !ascending || row.last().is_some_and(|&p| p as usize >= seq_len) {
+                return Err(Error::InvalidArgument(format!(
+                    "row {b}'s kept positions {row:?} are not ascending within 0..{seq_len}"
+                )));
+            }
+        }
+        Ok(Self { kept, seq_len })
+    }
+
+    /// Kept positions of every row, ascending.
+    pub fn kept(&self) -> &[Vec<u32>] {
+        &self.kept
+    }
+
+    /// Kept tokens per row.
+    pub fn kept_per_row(&self) -> Vec<usize> {
+        self.kept.iter().map(Vec::len).collect()
+    }
+
+    /// Padded row length T.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
     /// Every real token of rows of `lengths` tokens, padded to `seq_len`: the queries and
     /// writers of a dense layer.
     pub fn all(lengths: &[usize], seq_len: usize) -> Self {

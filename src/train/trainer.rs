@@ -256,11 +256,11 @@ impl Trainer {
                 VarBuilder::from_varmap(&varmap, base.dtype(), &device)
             }
         };
-        let mut llama = Llama::load(&base.config, base_vb)?;
+        let mut llama = Llama::load(base_vb, &base.config)?;
         if config.trainable == Trainable::Lora {
             llama.attach_lora(
-                &config.lora,
                 VarBuilder::from_varmap(&varmap, DType::F32, &device),
+                &config.lora,
             )?;
             // A starts random (seeded), B at zero: the adapters change nothing at step 0.
             for (name, var) in varmap.data().lock().map_err(|_| poisoned())?.iter() {

@@ -55,8 +55,8 @@ pub fn weights(cfg: &LlamaConfig) -> HashMap<String, Tensor> {
 pub fn llama(layers: usize) -> Llama {
     let cfg = config(layers);
     Llama::load(
-        &cfg,
         VarBuilder::from_tensors(weights(&cfg), DType::F32, &Device::Cpu),
+        &cfg,
     )
     .unwrap()
 }
