@@ -925,3 +925,166 @@ fn nested_rope_parameters_reach_the_rotary_table() {
     ));
     assert!(default_scaling.is_ok(), "{default_scaling:?}");
 }
+
+/// The promise of this suite, over the whole public API: zero sizes and out-of-range
+/// indices are typed errors, never panics.
+#[test]
+fn public_constructors_refuse_zero_sizes_and_out_of_range_indices() {
+    use modification::mixture_of_depths::{ModConfig, RouterKind};
+    use modification::model::{kv_cache::KvCache, LoraConfig, RotaryEmbedding};
+    use modification::routing::{selection, Dispatch, Router, Selection};
+    use modification::train::{Corpus, CorpusOptions, TrainConfig};
+    let cpu = Device::Cpu;
+    let is_err = |what: &str, r: Result<(), Error>| assert!(r.is_err(), "{what} was accepted");
+
+    // Batches.
+    is_err("no rows", Batch::from_rows(&[], 0, 8, &cpu).map(drop));
+    is_err(
+        "an empty row",
+        Batch::from_rows(&[vec![]], 0, 8, &cpu).map(drop),
+    );
+    is_err(
+        "zero context",
+        Batch::from_rows(&[vec![1]], 0, 0, &cpu).map(drop),
+    );
+    is_err(
+        "starts/rows",
+        Batch::continuing(&[vec![1]], &[], 0, 8, &cpu).map(drop),
+    );
+    is_err(
+        "start past context",
+        Batch::continuing(&[vec![1]], &[8], 0, 8, &cpu).map(drop),
+    );
+    let empty = Tensor::zeros((0, 0), DType::U32, &cpu).unwrap();
+    is_err(
+        "empty tensors",
+        Batch::from_tensors(&empty, &empty, 8).map(drop),
+    );
+
+    // The KV cache and the routing primitives.
+    is_err("cache of no layers", KvCache::new(0, 1).map(drop));
+    is_err("cache of no rows", KvCache::new(1, 0).map(drop));
+    is_err("kept past T", Selection::new(vec![vec![0, 3]], 3).map(drop));
+    is_err(
+        "kept unordered",
+        Selection::new(vec![vec![1, 1]], 3).map(drop),
+    );
+    let none = Selection::new(vec![vec![]], 3).unwrap();
+    assert!(Dispatch::new(&none, &cpu, DType::F32).unwrap().is_none());
+    is_err(
+        "p = 0",
+        selection::threshold_p(&[0.5], &[1], 1, 0.0, &[0]).map(drop),
+    );
+    is_err(
+        "no gates",
+        selection::threshold_p(&[], &[1], 1, 0.5, &[0]).map(drop),
+    );
+    is_err(
+        "length > T",
+        selection::threshold_p(&[0.5], &[2], 1, 0.5, &[0]).map(drop),
+    );
+    is_err(
+        "sinks/rows",
+        selection::threshold_p(&[0.5], &[1], 1, 0.5, &[]).map(drop),
+    );
+    is_err(
+        "capacity 0",
+        selection::top_k(&[0.5], &[1], 1, 0.0, &[0]).map(drop),
+    );
+    is_err(
+        "no logits",
+        selection::top_k(&[], &[1], 1, 0.5, &[0]).map(drop),
+    );
+    let w = Tensor::zeros((2, 4), DType::F32, &cpu).unwrap();
+    let b = Tensor::zeros(1, DType::F32, &cpu).unwrap();
+    is_err(
+        "router weight (2, 4)",
+        Router::from_tensors(w, b.clone()).map(drop),
+    );
+    let w0 = Tensor::zeros((1, 0), DType::F32, &cpu).unwrap();
+    is_err("router of width 0", Router::from_tensors(w0, b).map(drop));
+
+    // Model pieces and configs.
+    is_err(
+        "RoPE head 0",
+        RotaryEmbedding::new(0, 8, 1e4, &cpu).map(drop),
+    );
+    is_err(
+        "RoPE odd head",
+        RotaryEmbedding::new(3, 8, 1e4, &cpu).map(drop),
+    );
+    is_err(
+        "RoPE no positions",
+        RotaryEmbedding::new(4, 0, 1e4, &cpu).map(drop),
+    );
+    is_err(
+        "LoRA rank 0",
+        LoraConfig {
+            rank: 0,
+            alpha: 1.0,
+        }
+        .validate(8),
+    );
+    is_err(
+        "LoRA rank > d",
+        LoraConfig {
+            rank: 9,
+            alpha: 1.0,
+        }
+        .validate(8),
+    );
+    let mut cfg = tiny_config();
+    cfg.num_hidden_layers = 0;
+    is_err("zero layers", cfg.validate());
+    let top_k = ModConfig {
+        router: RouterKind::TopK { capacity: 0.0 },
+        ..ModConfig::default()
+    };
+    is_err("capacity 0 config", top_k.validate(4));
+    let zero_steps = TrainConfig {
+        steps: 0,
+        ..TrainConfig::default()
+    };
+    is_err("zero steps", zero_steps.validate());
+    let dir = common::temp_dir("bad-ctor");
+    let tok = load(&write_tiny_hf(&dir)).unwrap().tokenizer;
+    std::fs::remove_dir_all(&dir).unwrap();
+    let opts = CorpusOptions::default();
+    is_err(
+        "no corpus sources",
+        Corpus::load(&[], &tok, 2, &opts).map(drop),
+    );
+
+    // Model entry points on a tiny model.
+    let vb = candle_nn::VarBuilder::from_tensors(tiny_tensors(&tiny_config()), DType::F32, &cpu);
+    let model = Llama::load(vb, &tiny_config()).unwrap();
+    is_err(
+        "perplexity of 1 token",
+        eval::perplexity(&model, &[1]).map(drop),
+    );
+    is_err(
+        "rows of 1 token",
+        eval::dense_rows_perplexity(&model, &[vec![1]]).map(drop),
+    );
+    is_err(
+        "greedy, empty prompt",
+        modification::generate::greedy(&model, &[], 2, None).map(drop),
+    );
+    let routed = modification::ModModel::dense(model).unwrap();
+    is_err("cache of 0 rows", routed.new_cache(0).map(drop));
+    let rows: Vec<Vec<u32>> = vec![];
+    is_err(
+        "no prompts",
+        modification::generate::greedy_batch(&routed, &rows, 2).map(drop),
+    );
+    is_err(
+        "calibration without rows",
+        modification::calibrate::calibrate_compute(&routed, &rows, 0.9).map(drop),
+    );
+    let mut cache = routed.new_cache(1).unwrap();
+    let two_rows = Batch::from_rows(&[vec![1], vec![2]], 0, 32, &cpu).unwrap();
+    is_err(
+        "batch/cache rows",
+        routed.forward_cached(&two_rows, &mut cache).map(drop),
+    );
+}

@@ -24,7 +24,16 @@ pub struct RopeAt {
 
 impl RotaryEmbedding {
     /// Tables for `max_positions` positions, head width `head_dim` (even), base `theta`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a zero or odd `head_dim`, no positions, or a
+    /// non-positive `theta`.
     pub fn new(head_dim: usize, max_positions: usize, theta: f64, device: &Device) -> Result<Self> {
+        if head_dim == 0 || head_dim % 2 != 0 || max_positions == 0 || !(theta > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "RoPE needs an even head width, positions and θ > 0; got head width \
+                 {head_dim}, {max_positions} positions, θ = {theta}"
+            )));
+        }
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
