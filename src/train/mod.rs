@@ -1,9 +1,13 @@
-//! Conversion training: the data mixture, AdamW, the LR schedule and the [`Trainer`].
+//! Conversion training: settings, the data mixture, AdamW, the LR schedule, the
+//! [`Trainer`] and its resumable state.
 
+pub mod config;
 pub mod data;
 pub mod optim;
 pub mod schedule;
+mod state;
 pub mod trainer;
 
+pub use config::{Objective, TrainConfig, Trainable};
 pub use data::{Corpus, CorpusOptions, SourceSpec};
-pub use trainer::{Objective, StepReport, TrainConfig, Trainable, Trainer};
+pub use trainer::{StepReport, Trainer};

@@ -2,7 +2,7 @@
 //! private, so a checkpoint could not hold them).
 
 use crate::error::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 
 /// Hyper-parameters of [`AdamW`] (Loshchilov & Hutter 2019).
@@ -132,4 +132,27 @@ impl AdamW {
         self.step = steps_taken;
         Ok(())
     }
+}
+
+/// The global L2 norm of `grads` (in f64), after which, with `clip` given and the norm
+/// above it, every gradient is scaled by `clip / norm` (Pascanu et al. 2013). A non-finite
+/// norm is returned as it is and nothing is scaled.
+///
+/// Errors: [`crate::Error::Candle`] on a tensor failure.
+pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, clip: Option<f64>) -> Result<f64> {
+    let mut sq = 0.0;
+    for g in grads.values() {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if let Some(clip) = clip.filter(|&c| norm.is_finite() && norm > c) {
+        for g in grads.values_mut() {
+            *g = (&*g * (clip / norm))?;
+        }
+    }
+    Ok(norm)
 }
