@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use modification::calibrate::calibrate_compute;
+use modification::calibrate::{calibrate_compute, Calibration};
 use modification::eval::{self, RoutedEval};
 use modification::mixture_of_depths::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
 use modification::model::LoraConfig;
@@ -28,7 +28,7 @@ use modification::train::{
 };
 use modification::{Batch, Checkpoint, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -193,34 +193,8 @@ fn main() -> Result<()> {
     support::init_logging();
     let args = Args::parse();
     let started = Instant::now();
-    let device = Device::Cpu;
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => anyhow::bail!("unknown --dtype {other} (f32 or bf16)"),
-    };
-    let (mod_config, train_config) = settings(&args);
-    // Settings errors before minutes of loading and evaluation.
-    train_config.validate()?;
-    anyhow::ensure!(
-        args.sinks < args.seq_len,
-        "--sinks {} must be below --seq-len {}",
-        args.sinks,
-        args.seq_len
-    );
-    let state_dir = Trainer::state_dir(&args.out);
-    if args.resume {
-        anyhow::ensure!(
-            state_dir.is_dir(),
-            "--resume: there is no training state in {} (run without --resume to start)",
-            state_dir.display()
-        );
-    }
-    anyhow::ensure!(
-        args.prefill_tokens >= 1,
-        "--prefill-tokens must be at least 1"
-    );
-    let ckpt = Checkpoint::load(&args.model, dtype, &device).context("loading the model")?;
+    let (dtype, mod_config, train_config) = check_args(&args)?;
+    let ckpt = Checkpoint::load(&args.model, dtype, &Device::Cpu).context("loading the model")?;
     anyhow::ensure!(
         args.prefill_tokens <= ckpt.config.max_position_embeddings,
         "--prefill-tokens {} exceeds the model's context of {}",
@@ -229,26 +203,8 @@ fn main() -> Result<()> {
     );
     // The settings are checked against the model before the corpus is read.
     let mut trainer = Trainer::new(&ckpt, mod_config.clone(), train_config.clone())?;
-    let eos = ckpt.config.eos_token_id.unwrap_or(0);
-    let specs = SourceSpec::folders_of(&args.data)?;
-    let opts = CorpusOptions {
-        seq_len: args.seq_len,
-        ..CorpusOptions::default()
-    };
-    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
-    println!(
-        "model {} ({} layers); corpus {}: {}",
-        args.model,
-        ckpt.config.num_hidden_layers,
-        args.data.display(),
-        corpus
-            .sources
-            .iter()
-            .map(|s| format!("{} {}k tokens", s.name, s.train.len() / 1000))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-
+    let corpus = load_corpus(&args, &ckpt)?;
+    let state_dir = Trainer::state_dir(&args.out);
     if args.resume {
         trainer.load_state(&state_dir, &corpus).with_context(|| {
             format!(
@@ -274,20 +230,128 @@ fn main() -> Result<()> {
     }
 
     // 2. Convert.
-    // A layer that keeps nothing but its forced sinks has collapsed.
-    let collapse_floor = args.sinks as f64 / args.seq_len as f64 + 1e-9;
+    let train_start = Instant::now();
+    train(&args, &mut trainer, &corpus, &state_dir)?;
+    let train_seconds = train_start.elapsed().as_secs_f64();
+
+    // 3. Calibrate the operating point on training rows; save; evaluate the saved model as
+    //    a user loads it.
+    let calibration = calibrate_and_save(&args, &trainer, &corpus)?;
+    let out = args.out.to_str().context("--out is not UTF-8")?;
+    let reloaded = ModModel::load(out, dtype, &Device::Cpu)?;
+    let converted = evaluate(&reloaded, &corpus, false)?;
+    // Top-k is not causal: generation decides with the auxiliary predictor instead.
+    let causal = match mod_config.router {
+        RouterKind::TopK { .. } => evaluate(&reloaded, &corpus, true)?,
+        RouterKind::ThresholdP { .. } => BTreeMap::new(),
+    };
+
+    // 4. Prefill time and KV cache on one long input.
+    let long: Vec<u32> = corpus
+        .sources
+        .iter()
+        .flat_map(|s| s.heldout.concat())
+        .take(args.prefill_tokens)
+        .collect();
+    let prefill_ratio = prefill_time_ratio(&dense, &reloaded, &long)?;
+    let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long), true)?;
+
+    // 5. Optional dense baseline with the same budget.
+    let dense_baseline = match args.dense_baseline {
+        true => Some(dense_baseline(&ckpt, &corpus, &mod_config, &train_config)?),
+        false => None,
+    };
+
+    // 6. Report.
+    let results = Results {
+        original,
+        converted,
+        causal,
+        dense_baseline,
+        calibration,
+        prefill_ratio,
+        prefill_tokens: long.len(),
+        long_eval,
+        train_seconds,
+    };
+    report(&args, &mod_config, &train_config, &results, started)
+}
+
+/// The dtype and the settings, checked before minutes of loading and evaluation.
+fn check_args(args: &Args) -> Result<(DType, ModConfig, TrainConfig)> {
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("unknown --dtype {other} (f32 or bf16)"),
+    };
+    let (mod_config, train_config) = settings(args);
+    train_config.validate()?;
+    anyhow::ensure!(
+        args.sinks < args.seq_len,
+        "--sinks {} must be below --seq-len {}",
+        args.sinks,
+        args.seq_len
+    );
+    anyhow::ensure!(
+        args.prefill_tokens >= 1,
+        "--prefill-tokens must be at least 1"
+    );
+    let state_dir = Trainer::state_dir(&args.out);
+    anyhow::ensure!(
+        !args.resume || state_dir.is_dir(),
+        "--resume: there is no training state in {} (run without --resume to start)",
+        state_dir.display()
+    );
+    Ok((dtype, mod_config, train_config))
+}
+
+/// The corpus under `--data`, tokenized by the model's tokenizer.
+fn load_corpus(args: &Args, ckpt: &Checkpoint) -> Result<Corpus> {
+    let eos = ckpt.config.eos_token_id.unwrap_or(0);
+    let specs = SourceSpec::folders_of(&args.data)?;
+    let opts = CorpusOptions {
+        seq_len: args.seq_len,
+        ..CorpusOptions::default()
+    };
+    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
+    println!(
+        "model {} ({} layers); corpus {}: {}",
+        args.model,
+        ckpt.config.num_hidden_layers,
+        args.data.display(),
+        corpus
+            .sources
+            .iter()
+            .map(|s| format!("{} {}k tokens", s.name, s.train.len() / 1000))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(corpus)
+}
+
+/// A layer that keeps nothing but its forced sinks has collapsed.
+fn collapse_floor(args: &Args) -> f64 {
+    args.sinks as f64 / args.seq_len as f64 + 1e-9
+}
+
+/// Trains to `--steps`, checkpointing into `state_dir`; a progress bar on a terminal, one
+/// plain line every 10 steps otherwise.
+fn train(args: &Args, trainer: &mut Trainer, corpus: &Corpus, state_dir: &Path) -> Result<()> {
+    let layers = trainer
+        .model()
+        .routers()
+        .keys()
+        .copied()
+        .collect::<Vec<_>>();
+    let floor = collapse_floor(args);
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} {elapsed_precise} {msg}",
     )?);
     bar.set_position(trainer.step() as u64);
-    let train_start = Instant::now();
-    trainer.run(&corpus, Some(&state_dir), args.checkpoint_every, |r| {
-        let collapsed: Vec<String> = r
-            .kept_fraction
-            .iter()
-            .zip(trainer_layers(&mod_config, &ckpt))
-            .filter(|(f, _)| **f <= collapse_floor)
+    trainer.run(corpus, Some(state_dir), args.checkpoint_every, |r| {
+        let collapsed: Vec<String> = (r.kept_fraction.iter().zip(&layers))
+            .filter(|(f, _)| **f <= floor)
             .map(|(_, j)| j.to_string())
             .collect();
         let warn = if collapsed.is_empty() {
@@ -295,42 +359,36 @@ fn main() -> Result<()> {
         } else {
             format!(" WARNING layers {} keep nothing", collapsed.join(","))
         };
-        bar.set_position(r.step as u64);
-        bar.set_message(format!(
-            "{:.0} tok/s lm {:.3} kl {:.4} load {:.4} kept {:.3} compute {:.3}{warn}",
-            r.tokens as f64 / r.seconds,
+        let line = format!(
+            "lm {:.3} kl {:.4} load {:.4} kept {:.3} compute {:.3} {:.0} tok/s{warn}",
             r.lm_loss,
             r.kl_loss,
             r.load_loss,
             r.mean_kept(),
-            r.compute_fraction
-        ));
-        if !bar.is_hidden() {
-            return;
+            r.compute_fraction,
+            r.tokens as f64 / r.seconds
+        );
+        bar.set_position(r.step as u64);
+        if bar.is_hidden() && (r.step % 10 == 0 || r.step == 1) {
+            println!("step {} {line}", r.step);
         }
-        // Not a terminal (a pipe or a log file): one plain line every 10 steps.
-        if r.step % 10 == 0 || r.step == 1 {
-            println!(
-                "step {} lm {:.3} kl {:.4} load {:.4} kept {:.3} compute {:.3} {:.0} tok/s{warn}",
-                r.step,
-                r.lm_loss,
-                r.kl_loss,
-                r.load_loss,
-                r.mean_kept(),
-                r.compute_fraction,
-                r.tokens as f64 / r.seconds
-            );
-        }
+        bar.set_message(line);
         tracing::debug!(?r, "step");
     })?;
     bar.finish();
-    let train_seconds = train_start.elapsed().as_secs_f64();
+    Ok(())
+}
 
-    // 3. Calibrate the operating point on training rows; save; evaluate the saved model as
-    //    a user loads it.
+/// With `--target-compute`, finds the thresholds (or capacity) that reach it on training
+/// rows; saves the converted model to `--out` either way.
+fn calibrate_and_save(
+    args: &Args,
+    trainer: &Trainer,
+    corpus: &Corpus,
+) -> Result<Option<Calibration>> {
     let mut saved_config = trainer.model().config().clone();
     let mut calibration = None;
-    if let Some(target) = train_config.target_compute {
+    if let Some(target) = trainer.config().target_compute {
         let rows = corpus.calibration_rows(args.calibration_rows);
         let (calibrated, c) = calibrate_compute(trainer.model(), &rows, target)?;
         println!(
@@ -345,40 +403,32 @@ fn main() -> Result<()> {
         calibration = Some(c);
     }
     trainer.save_converted(&args.out, &saved_config)?;
-    let reloaded = ModModel::load(
-        args.out.to_str().context("--out is not UTF-8")?,
-        dtype,
-        &device,
-    )?;
-    let mut converted: BTreeMap<String, RoutedEval> = BTreeMap::new();
+    Ok(calibration)
+}
+
+/// Every source's held-out rows through the converted model, by source name.
+fn evaluate(
+    model: &ModModel,
+    corpus: &Corpus,
+    causal: bool,
+) -> Result<BTreeMap<String, RoutedEval>> {
+    let mut out = BTreeMap::new();
     for s in &corpus.sources {
-        converted.insert(
+        out.insert(
             s.name.clone(),
-            eval::routed_rows_eval(&reloaded, &s.heldout, false)?,
+            eval::routed_rows_eval(model, &s.heldout, causal)?,
         );
     }
-    // Top-k is not causal: generation decides with the auxiliary predictor instead.
-    let mut causal: BTreeMap<String, RoutedEval> = BTreeMap::new();
-    if matches!(mod_config.router, RouterKind::TopK { .. }) {
-        for s in &corpus.sources {
-            causal.insert(
-                s.name.clone(),
-                eval::routed_rows_eval(&reloaded, &s.heldout, true)?,
-            );
-        }
-    }
+    Ok(out)
+}
 
-    // 4. Prefill time and KV cache on one long input, same binary, interleaved repetitions.
-    let long: Vec<u32> = corpus
-        .sources
-        .iter()
-        .flat_map(|s| s.heldout.concat())
-        .take(args.prefill_tokens)
-        .collect();
-    let batch = Batch::single(&long, ckpt.config.max_position_embeddings, &device)?;
+/// Median prefill time of the converted model over the original's on `long`: same binary,
+/// interleaved repetitions, after a warm-up of each.
+fn prefill_time_ratio(dense: &Llama, converted: &ModModel, long: &[u32]) -> Result<f64> {
+    let batch = Batch::single(long, dense.config().max_position_embeddings, &Device::Cpu)?;
     let (mut t_dense, mut t_mod) = (Vec::new(), Vec::new());
     dense.forward(&batch)?; // warm-up: first-touch allocations
-    reloaded.forward_causal(&batch, Mode::Inference)?;
+    converted.forward_causal(&batch, Mode::Inference)?;
     for rep in 0..5 {
         // Alternate which model runs first so that neither always gets the warmer caches.
         for first in [rep % 2 == 0, rep % 2 != 0] {
@@ -387,40 +437,62 @@ fn main() -> Result<()> {
                 dense.forward(&batch)?;
                 t_dense.push(t.elapsed().as_secs_f64());
             } else {
-                reloaded.forward_causal(&batch, Mode::Inference)?;
+                converted.forward_causal(&batch, Mode::Inference)?;
                 t_mod.push(t.elapsed().as_secs_f64());
             }
         }
     }
-    let prefill_ratio = median(&mut t_mod) / median(&mut t_dense);
-    let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long), true)?;
+    Ok(median(&mut t_mod) / median(&mut t_dense))
+}
 
-    // 5. Optional dense baseline with the same budget.
-    let mut dense_baseline = None;
-    if args.dense_baseline {
-        let cfg = ModConfig {
-            routed_layers: RoutedLayers::Rule(LayerRule::None),
-            ..mod_config.clone()
-        };
-        let tcfg = TrainConfig {
-            trainable: Trainable::All,
-            ..train_config.clone()
-        };
-        let mut t = Trainer::new(&ckpt, cfg, tcfg)?;
-        t.run(&corpus, None, 0, |_| {})?;
-        let mut ppl = BTreeMap::new();
-        for s in &corpus.sources {
-            ppl.insert(
-                s.name.clone(),
-                eval::routed_rows_eval(t.model(), &s.heldout, false)?
-                    .perplexity
-                    .perplexity,
-            );
-        }
-        dense_baseline = Some(ppl);
-    }
+/// The dense model fine-tuned on the same tokens (every parameter, no router): what
+/// `--train all` must be compared with, since it also adapts the model to the corpus.
+fn dense_baseline(
+    ckpt: &Checkpoint,
+    corpus: &Corpus,
+    mod_config: &ModConfig,
+    train_config: &TrainConfig,
+) -> Result<BTreeMap<String, f64>> {
+    let cfg = ModConfig {
+        routed_layers: RoutedLayers::Rule(LayerRule::None),
+        ..mod_config.clone()
+    };
+    let tcfg = TrainConfig {
+        trainable: Trainable::All,
+        ..train_config.clone()
+    };
+    let mut t = Trainer::new(ckpt, cfg, tcfg)?;
+    t.run(corpus, None, 0, |_| {})?;
+    Ok(evaluate(t.model(), corpus, false)?
+        .into_iter()
+        .map(|(name, e)| (name, e.perplexity.perplexity))
+        .collect())
+}
 
-    // 6. Report.
+/// What a conversion measured.
+struct Results {
+    original: BTreeMap<String, f64>,
+    converted: BTreeMap<String, RoutedEval>,
+    causal: BTreeMap<String, RoutedEval>,
+    dense_baseline: Option<BTreeMap<String, f64>>,
+    calibration: Option<Calibration>,
+    prefill_ratio: f64,
+    prefill_tokens: usize,
+    long_eval: RoutedEval,
+    train_seconds: f64,
+}
+
+/// Prints the table and the summary; with `--json`, writes `report.json` into `--out`.
+fn report(
+    args: &Args,
+    mod_config: &ModConfig,
+    train_config: &TrainConfig,
+    r: &Results,
+    started: Instant,
+) -> Result<()> {
+    let (original, converted, causal) = (&r.original, &r.converted, &r.causal);
+    let dense_baseline = &r.dense_baseline;
+    let collapse_floor = collapse_floor(args);
     println!(
         "\n{:<8} {:>10} {:>10} {:>7} {:>6} {:>9}{}",
         "source",
@@ -436,7 +508,7 @@ fn main() -> Result<()> {
         }
     );
     let mut worst: f64 = 0.0;
-    for (name, o) in &original {
+    for (name, o) in original {
         let c = &converted[name];
         let ratio = c.perplexity.perplexity / o;
         worst = worst.max(ratio);
@@ -483,7 +555,7 @@ fn main() -> Result<()> {
     }
     if !causal.is_empty() {
         println!("\ntop-k decoding with its auxiliary predictor (causal, as generation runs):");
-        for (name, o) in &original {
+        for (name, o) in original {
             let c = &causal[name];
             println!(
                 "{name:<8} {:>10.3} ratio {:>6.3} skip {:>6.3}",
@@ -502,14 +574,13 @@ fn main() -> Result<()> {
         "\nheld-out: skip {skip:.3}  worst perplexity ratio {worst:.3}  mean {mean_ratio:.3}  compute {compute_heldout:.3} of dense  KV cache {kv_heldout:.3}"
     );
     println!(
-        "prefill input ({} tokens): compute {:.3}  prefill time ratio {prefill_ratio:.3}  KV cache ratio {:.3}",
-        long.len(),
-        long_eval.compute_fraction,
-        long_eval.kv_fraction
+        "prefill input ({} tokens): compute {:.3}  prefill time ratio {:.3}  KV cache ratio {:.3}",
+        r.prefill_tokens, r.long_eval.compute_fraction, r.prefill_ratio, r.long_eval.kv_fraction
     );
     println!(
-        "trained {} steps in {train_seconds:.0}s; total {:.0}s; saved to {}",
+        "trained {} steps in {:.0}s; total {:.0}s; saved to {}",
         args.steps,
+        r.train_seconds,
         started.elapsed().as_secs_f64(),
         args.out.display()
     );
@@ -531,18 +602,19 @@ fn main() -> Result<()> {
             "mean_perplexity_ratio": mean_ratio,
             "compute_fraction": compute_heldout,
             "kv_cache_ratio_heldout": kv_heldout,
-            "calibration": calibration,
-            "compute_fraction_prefill": long_eval.compute_fraction,
-            "prefill_time_ratio": prefill_ratio,
-            "prefill_tokens": long.len(),
-            "kv_cache_ratio": long_eval.kv_fraction,
-            "train_seconds": train_seconds,
+            "calibration": r.calibration,
+            "compute_fraction_prefill": r.long_eval.compute_fraction,
+            "prefill_time_ratio": r.prefill_ratio,
+            "prefill_tokens": r.prefill_tokens,
+            "kv_cache_ratio": r.long_eval.kv_fraction,
+            "train_seconds": r.train_seconds,
         });
-        let path = args.out.join("report.json");
-        let tmp = args.out.join("report.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
-        std::fs::rename(&tmp, &path)?;
-        println!("report: {}", path.display());
+        let text = serde_json::to_string_pretty(&report)?;
+        modification::fsutil::write_files_atomically(&args.out, |staging| {
+            let path = staging.join("report.json");
+            std::fs::write(&path, &text).map_err(|source| modification::Error::Io { path, source })
+        })?;
+        println!("report: {}", args.out.join("report.json").display());
     }
     Ok(())
 }
@@ -627,11 +699,6 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
     };
 
     (mod_config, train_config)
-}
-
-fn trainer_layers(cfg: &ModConfig, ckpt: &Checkpoint) -> Vec<usize> {
-    cfg.routed_layer_indices(ckpt.config.num_hidden_layers)
-        .unwrap_or_default()
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -126,7 +126,8 @@ impl Attention {
 /// valid (not padding, kept at this layer) and `pos_k[j] <= pos_q[i]`.
 ///
 /// `pos_q`: `(B, Tq)` u32; `pos_k`: `(B, Tk)` u32; `valid_k`: `(B, Tk)` u8 (1 = valid).
-/// Returns `(B, 1, Tq, Tk)` in `dtype`: 0 where allowed, -1e9 elsewhere.
+/// Returns `(B, 1, Tq, Tk)` in `dtype`: 0 where allowed, [`masked_value`] elsewhere (-1e9;
+/// -1e4 in f16, whose range ends at 65504, so that the mask never becomes -inf).
 pub fn attention_mask(
     pos_q: &Tensor,
     pos_k: &Tensor,
