@@ -9,17 +9,31 @@
 //! [`KvPolicy::Skip`](crate::mixture_of_depths::KvPolicy::Skip) or every token under `Keep`. The
 //! keys a query attends to are the cache's entries of its row (when a cache is given),
 //! then this call's writers, causally by original position.
+//!
+//! Training computes every token of a routed layer (queries and writers are all tokens)
+//! so that every gate gets a gradient, weighted by the hard decision; its FLOPs are
+//! counted by the caller as those of the sparse layer the same decisions give at
+//! inference ([`layer_cost`]).
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::mixture_of_depths::KvPolicy;
 use crate::model::flops::layer_flops;
 use crate::model::kv_cache::{KvCache, LayerKeys};
-use crate::model::{attention_mask, Batch, Block, Llama, RopeAt, RotaryEmbedding};
+use crate::model::{attention_mask, Batch, Block, RotaryEmbedding};
 use crate::routing::{Dispatch, Selection};
 use candle_core::{DType, IndexOp, Tensor};
 
-use super::model::Routing;
+/// Which of the keys a query may see.
+pub(super) enum Keys<'a> {
+    /// The cache's entries of the query's row and this call's writers, causally by
+    /// original position.
+    Causal,
+    /// For training under [`KvPolicy::Skip`], where every token is a query and a writer
+    /// (a skipped token's update is computed for its gate's gradient only): causally, the
+    /// kept tokens and the query itself, as if the query were kept. `kept`: `(B, T)` f32
+    /// 0/1. Only without a cache.
+    KeptOrSelf(&'a Tensor),
+}
 
 /// The token sets of one call of a layer.
 pub(super) struct LayerTokens<'a> {
@@ -27,9 +41,12 @@ pub(super) struct LayerTokens<'a> {
     pub queries: &'a Selection,
     /// Tokens that write keys and values (a superset of the queries).
     pub writers: &'a Selection,
-    /// Per-token output weight `(B, T)` f32 (the gate, for `Multiply` scaling); `None`
-    /// adds each query's update with weight 1.
+    /// Per-token output weight `(B, T)` f32 (the gate for `Multiply` scaling; in
+    /// training, the hard decision that carries the gate's gradient); `None` adds each
+    /// query's update with weight 1.
     pub weights: Option<&'a Tensor>,
+    /// Which keys a query sees.
+    pub keys: Keys<'a>,
 }
 
 /// Runs `layer` (index `j`) on the queries of `x` `(B, T, d)` and returns the new
@@ -85,7 +102,13 @@ pub(super) fn sparse_layer(
         return Ok((x.clone(), 0.0));
     };
     let pos_q = dq.gather_tokens(batch.positions())?;
-    let mask = attention_mask(&pos_q, &keys.positions, &keys.valid, dtype)?;
+    let mask = match tokens.keys {
+        Keys::Causal => attention_mask(&pos_q, &keys.positions, &keys.valid, dtype)?,
+        Keys::KeptOrSelf(kept) => {
+            let kept_k = dq.gather_tokens(kept)?;
+            kept_or_self_mask(&pos_q, &keys.positions, &keys.valid, &kept_k, dtype)?
+        }
+    };
     let delta = layer.delta_with_kv(
         &dq.gather(x)?,
         &dq.gather(&normed)?,
@@ -116,63 +139,22 @@ pub(super) fn layer_cost(
     layer_flops(cfg, q.iter().sum(), writers.num_kept(), pairs)
 }
 
-/// What training computes once per forward pass: RoPE at every position and the dense
-/// causal mask.
-pub(super) struct TrainingInput<'a> {
-    batch: &'a Batch,
-    rope: RopeAt,
-    dense_mask: Tensor,
-}
-
-impl<'a> TrainingInput<'a> {
-    pub(super) fn new(base: &Llama, batch: &'a Batch) -> Result<Self> {
-        let dtype = base.dtype();
-        let positions = batch.positions();
-        Ok(Self {
-            batch,
-            rope: base.rope().at(positions, dtype)?,
-            dense_mask: attention_mask(positions, positions, batch.valid(), dtype)?,
-        })
-    }
-
-    /// Layer `layer` in training: the delta of every token (a skipped token as a query over
-    /// the keys its policy allows, plus itself), weighted per token by the routing's `w`,
-    /// whose forward value is the hard decision. A dense layer (`routing` `None`) adds
-    /// every delta with weight 1.
-    pub(super) fn layer(
-        &self,
-        layer: &Block,
-        x: &Tensor,
-        routing: Option<&Routing>,
-        policy: KvPolicy,
-    ) -> Result<Tensor> {
-        let Some(routing) = routing else {
-            return Ok((x + layer.delta(x, &self.rope, &self.dense_mask)?)?);
-        };
-        let dtype = x.dtype();
-        let mask = match policy {
-            KvPolicy::Keep => self.dense_mask.clone(),
-            KvPolicy::Skip => skip_training_mask(&routing.f, self.batch, dtype)?,
-        };
-        let delta = layer.delta(x, &self.rope, &mask)?;
-        let w = routing.w.to_dtype(dtype)?.unsqueeze(2)?;
-        Ok(x.add(&delta.broadcast_mul(&w)?)?)
-    }
-}
-
-/// The training-mode mask of a `Skip` routed layer, `(B, 1, T, T)`: causal over valid kept
-/// keys plus each token itself (so that a skipped token's delta, used only for its gate's
-/// gradient, is defined). `kept`: `(B, T)` f32 0/1.
-fn skip_training_mask(kept: &Tensor, batch: &Batch, dtype: DType) -> Result<Tensor> {
-    let pos = batch.positions();
-    let causal = pos
-        .unsqueeze(1)?
-        .broadcast_le(&pos.unsqueeze(2)?)?
-        .to_dtype(DType::F32)?;
-    let itself = Tensor::eye(batch.seq_len(), DType::F32, pos.device())?.unsqueeze(0)?;
-    let key_ok = itself.broadcast_maximum(&kept.unsqueeze(1)?)?;
-    let valid_k = batch.valid().to_dtype(DType::F32)?.unsqueeze(1)?;
-    let allowed = causal.broadcast_mul(&key_ok)?.broadcast_mul(&valid_k)?;
+/// The mask of [`Keys::KeptOrSelf`], `(B, 1, Tq, Tk)`: [`attention_mask`] restricted to
+/// keys that are kept or the query itself (same original position). `pos_q` `(B, Tq)`,
+/// `pos_k` `(B, Tk)` u32; `valid_k` `(B, Tk)` u8; `kept_k` `(B, Tk)` f32 0/1.
+fn kept_or_self_mask(
+    pos_q: &Tensor,
+    pos_k: &Tensor,
+    valid_k: &Tensor,
+    kept_k: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let (pos_k, pos_q) = (pos_k.unsqueeze(1)?, pos_q.unsqueeze(2)?);
+    let causal = pos_k.broadcast_le(&pos_q)?.to_dtype(DType::F32)?;
+    let itself = pos_k.broadcast_eq(&pos_q)?.to_dtype(DType::F32)?;
+    let key_ok = itself.broadcast_maximum(&kept_k.unsqueeze(1)?)?;
+    let valid_k = valid_k.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let allowed = causal.mul(&key_ok)?.broadcast_mul(&valid_k)?;
     let masked = crate::model::attention::masked_value(dtype);
     Ok(((allowed - 1.0)? * -masked)?
         .unsqueeze(1)?

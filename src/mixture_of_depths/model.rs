@@ -226,10 +226,6 @@ impl ModModel {
         let dense_layer = layer::layer_cost(cfg, &all, &all, &dense_keys);
         let mut flops = lm_head_flops(cfg, batch.num_tokens());
         let dense_flops = flops + dense_layer * cfg.num_hidden_layers as f64;
-        let training = match mode {
-            Mode::Training => Some(layer::TrainingInput::new(base, batch)?),
-            Mode::Inference => None,
-        };
         let mut x = base.embed(batch.ids())?;
         let mut stats = Vec::with_capacity(self.routers.len());
         for (j, layer) in base.layers().iter().enumerate() {
@@ -242,15 +238,24 @@ impl ModModel {
                 (Some(r), KvPolicy::Skip) => &r.sel,
                 _ => &all,
             };
-            let (next, spent) = match &training {
-                Some(input) => {
-                    // Every token is computed (for its gate's gradient); the cost is that
-                    // of the sparse layer the same decisions give at inference.
-                    let next = input.layer(layer, &x, routing.as_ref(), self.config.kv_policy)?;
-                    let keys: Vec<usize> = writers.kept_per_row();
-                    (next, layer::layer_cost(cfg, queries, writers, &keys))
+            let (tokens, inference_cost) = match (mode, &routing) {
+                // Every token is computed (for its gate's gradient), weighted by the hard
+                // decision; the cost is that of the sparse layer the same decisions give.
+                (Mode::Training, Some(r)) => {
+                    let keys = match self.config.kv_policy {
+                        KvPolicy::Keep => layer::Keys::Causal,
+                        KvPolicy::Skip => layer::Keys::KeptOrSelf(&r.f),
+                    };
+                    let tokens = layer::LayerTokens {
+                        queries: &all,
+                        writers: &all,
+                        weights: Some(&r.w),
+                        keys,
+                    };
+                    let cost = layer::layer_cost(cfg, queries, writers, &writers.kept_per_row());
+                    (tokens, Some(cost))
                 }
-                None => {
+                _ => {
                     let weights = match (&routing, self.config.gate_scaling) {
                         (Some(r), GateScaling::Multiply) => Some(&r.w),
                         _ => None,
@@ -259,11 +264,15 @@ impl ModModel {
                         queries,
                         writers,
                         weights,
+                        keys: layer::Keys::Causal,
                     };
-                    let cache = cache.as_deref_mut();
-                    layer::sparse_layer(layer, j, &x, batch, base.rope(), cfg, tokens, cache)?
+                    (tokens, None)
                 }
             };
+            let cache = cache.as_deref_mut();
+            let (next, spent) =
+                layer::sparse_layer(layer, j, &x, batch, base.rope(), cfg, tokens, cache)?;
+            let spent = inference_cost.unwrap_or(spent);
             x = next;
             let Some(r) = routing else {
                 flops += spent;
