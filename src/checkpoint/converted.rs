@@ -14,7 +14,7 @@ use std::path::Path;
 /// weights when the whole model was trained) put over them, and `config` as the `mod`
 /// section. Router tensors are stored in f32 whatever the model dtype.
 ///
-/// Errors: [`Error::Json`] if the config cannot be serialised.
+/// Errors: [`crate::Error::Json`] if the config cannot be serialised.
 pub fn converted_checkpoint(
     base: &Checkpoint,
     trained: &HashMap<String, Tensor>,

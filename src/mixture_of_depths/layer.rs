@@ -28,7 +28,7 @@ pub(super) enum Keys<'a> {
     /// The cache's entries of the query's row and this call's writers, causally by
     /// original position.
     Causal,
-    /// For training under [`KvPolicy::Skip`], where every token is a query and a writer
+    /// For training under [`KvPolicy::Skip`](crate::mixture_of_depths::KvPolicy::Skip), where every token is a query and a writer
     /// (a skipped token's update is computed for its gate's gradient only): causally, the
     /// kept tokens and the query itself, as if the query were kept. `kept`: `(B, T)` f32
     /// 0/1. Only without a cache.

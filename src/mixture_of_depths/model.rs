@@ -194,8 +194,8 @@ impl ModModel {
     }
 
     /// The forward pass of every use: `cache` given for a prefill or decode step,
-    /// `causal` for the per-token decision generation makes. Every layer runs through
-    /// [`layer::sparse_layer`] (inference) or [`layer::training_layer`] (training).
+    /// `causal` for the per-token decision generation makes. Every layer, dense or routed,
+    /// in every mode, runs through [`layer::sparse_layer`].
     pub(crate) fn run(
         &self,
         batch: &Batch,
