@@ -101,7 +101,7 @@ fn main() -> Result<()> {
                 let model = if m { &original } else { &converted };
                 let mut cache = model.new_cache(1)?;
                 let t = Instant::now();
-                model.forward_cached(&batch, &mut cache)?;
+                model.forward_cached_last(&batch, &mut cache)?;
                 let s = t.elapsed().as_secs_f64();
                 if rep > 0 {
                     if m {
@@ -139,14 +139,12 @@ fn main() -> Result<()> {
         for m in [rep % 2 == 0, rep % 2 == 1] {
             let model = if m { &original } else { &converted };
             let mut cache = model.new_cache(1)?;
-            model.forward_cached(&Batch::single(prompt, max, &dev)?, &mut cache)?;
+            model.forward_cached_last(&Batch::single(prompt, max, &dev)?, &mut cache)?;
             let t = Instant::now();
             for i in 0..args.decode_steps {
                 let tok = text[prompt.len() + i];
-                model.forward_cached(
-                    &decode_batch(&[tok], &[prompt.len() + i], max, &dev)?,
-                    &mut cache,
-                )?;
+                let step = decode_batch(&[tok], cache.next_positions(), max, &dev)?;
+                model.forward_cached(&step, &mut cache)?;
             }
             rates[usize::from(!m)].push(args.decode_steps as f64 / t.elapsed().as_secs_f64());
         }

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::mixture_of_depths::ModModel;
 use crate::model::{Batch, Llama};
-use crate::text::{decode, encode};
+use crate::text::encode;
 use candle_core::{IndexOp, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;
@@ -59,18 +59,8 @@ pub fn greedy_batch(
     let device = base.device();
     let batch = Batch::from_rows(prompts, 0, max, device)?;
     let mut cache = model.new_cache(prompts.len())?;
-    let logits = model.forward_cached(&batch, &mut cache)?.logits;
-    let mut lengths: Vec<usize> = batch.lengths().to_vec();
-    let mut next: Vec<u32> = lengths
-        .iter()
-        .enumerate()
-        .map(|(r, &l)| {
-            Ok(logits
-                .i((r, l - 1))?
-                .argmax(D::Minus1)?
-                .to_scalar::<u32>()?)
-        })
-        .collect::<Result<_>>()?;
+    let logits = model.forward_cached_last(&batch, &mut cache)?.logits;
+    let mut next: Vec<u32> = logits.i((.., 0))?.argmax(D::Minus1)?.to_vec1()?;
     let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(max_new_tokens); prompts.len()];
     for step in 0..max_new_tokens {
         for (o, &n) in out.iter_mut().zip(&next) {
@@ -79,12 +69,9 @@ pub fn greedy_batch(
         if step + 1 == max_new_tokens {
             break;
         }
-        let step_batch = decode_batch(&next, &lengths, max, device)?;
+        let step_batch = decode_batch(&next, cache.next_positions(), max, device)?;
         let logits = model.forward_cached(&step_batch, &mut cache)?.logits;
         next = logits.i((.., 0))?.argmax(D::Minus1)?.to_vec1()?;
-        for l in &mut lengths {
-            *l += 1;
-        }
     }
     Ok(out)
 }
@@ -210,8 +197,8 @@ pub fn generate(
 
     let mut cache = model.new_cache(1)?;
     let start = Instant::now();
-    let out = model.forward_cached(&Batch::single(&prompt_ids, max, device)?, &mut cache)?;
-    let mut logits = out.logits.i((0, prompt_ids.len() - 1))?;
+    let out = model.forward_cached_last(&Batch::single(&prompt_ids, max, device)?, &mut cache)?;
+    let mut logits = out.logits.i((0, 0))?;
     let prefill_seconds = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -219,6 +206,7 @@ pub fn generate(
     let mut tokens = Vec::new();
     let mut routing = Vec::new();
     let mut text = String::new();
+    let mut stream = tokenizer.decode_stream(true);
     for _ in 0..cfg.max_new_tokens {
         let l = if cfg.repeat_penalty == 1.0 {
             logits.clone()
@@ -236,18 +224,21 @@ pub fn generate(
         }
         tokens.push(next);
         all.push(next);
-        let full = decode(tokenizer, &tokens)?;
-        if full.len() > text.len() && full.starts_with(&text) {
-            on_text(&full[text.len()..]);
+        // Only the new token's text, once it forms whole characters.
+        let piece = stream
+            .step(next)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if let Some(piece) = piece {
+            on_text(&piece);
+            text.push_str(&piece);
         }
-        text = full;
         if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
             break;
         }
         if tokens.len() == cfg.max_new_tokens {
             break;
         }
-        let step = decode_batch(&[next], &[all.len() - 1], max, device)?;
+        let step = decode_batch(&[next], cache.next_positions(), max, device)?;
         let out = model.forward_cached(&step, &mut cache)?;
         routing.push(out.stats.iter().map(|s| (s.layer, s.kept == 1)).collect());
         logits = out.logits.i((0, 0))?;

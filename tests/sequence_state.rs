@@ -291,3 +291,40 @@ fn threshold(p: f64) -> RouterKind {
         per_layer: Default::default(),
     }
 }
+
+#[test]
+fn a_cloned_cache_continues_independently() {
+    // The cache writes decode steps into its buffers in place: a clone must own its own.
+    let tokens = tiny::ids(12, 46);
+    let other = tiny::ids(12, 47);
+    for model in models() {
+        let mut a = cache_after(&model, &tokens);
+        let mut b = a.clone();
+        let step = |cache: &mut KvCache, tok: u32| {
+            let batch = decode_batch(&[tok], cache.next_positions(), 64, &Device::Cpu).unwrap();
+            model
+                .forward_cached(&batch, cache)
+                .unwrap()
+                .logits
+                .i((0, 0))
+                .unwrap()
+        };
+        // Interleave the two continuations so that any shared buffer would be overwritten.
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        for i in 6..9 {
+            got_a.push(step(&mut a, tokens[i]));
+            got_b.push(step(&mut b, other[i]));
+        }
+        for (seq, got) in [(&tokens, got_a), (&other, got_b)] {
+            let full: Vec<u32> = tokens[..6].iter().chain(&seq[6..9]).copied().collect();
+            let batch = Batch::single(&full, 64, &Device::Cpu).unwrap();
+            let want = model
+                .forward_causal(&batch, Mode::Inference)
+                .unwrap()
+                .logits;
+            let got = Tensor::stack(&got, 0).unwrap();
+            let d = common::max_diff(&got, &want.i((0, 6..9)).unwrap());
+            assert!(d < 1e-4, "{:?}: {d}", model.config().router);
+        }
+    }
+}

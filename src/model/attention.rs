@@ -69,6 +69,10 @@ impl Attention {
     /// Attention output for queries `x` `(B, Tq, d)` (normalised, rotated at `rope`'s
     /// positions) over keys/values `k`, `v` `(B, n_kv_heads, Tk, head_dim)` with additive
     /// `mask` `(B, 1, Tq, Tk)` (see [`attention_mask`]). Returns `(B, Tq, d)` after `o_proj`.
+    ///
+    /// Grouped-query attention without copying K and V per query head: the `G` query heads
+    /// that share a KV head are stacked along the query axis, `(B, n_kv, G·Tq, hd)`, so that
+    /// one batched matmul per KV head serves the whole group.
     pub fn attend(
         &self,
         x: &Tensor,
@@ -78,20 +82,28 @@ impl Attention {
         mask: &Tensor,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
+        let (n_kv, hd) = (self.n_kv_heads, self.head_dim);
+        let groups = self.n_heads / n_kv;
+        let tk = k.dim(2)?;
         let q = self
             .q_proj
             .forward(x)?
-            .reshape((b, t, self.n_heads, self.head_dim))?
+            .reshape((b, t, self.n_heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rope.apply(&q)?;
-        let groups = self.n_heads / self.n_kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k.clone(), groups)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v.clone(), groups)?.contiguous()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        // Query head h uses KV head h / G (HF's repeat_kv order).
+        let q = rope.apply(&q)?.reshape((b, n_kv, groups * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, n_kv, groups, t, tk))?
+            .broadcast_add(&mask.unsqueeze(1)?)?
+            .reshape((b, n_kv, groups * t, tk))?;
         let probs = softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let out = probs
+            .matmul(v)?
+            .reshape((b, self.n_heads, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
         self.o_proj.forward(&out)
     }
 

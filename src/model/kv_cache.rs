@@ -5,14 +5,65 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// Keys and values of one row at one layer, with the original position of every entry.
-#[derive(Debug, Clone, Default)]
+///
+/// The entries live in buffers of `capacity >= len` slots that grow geometrically, so
+/// that a decode step writes one slot in place instead of copying the row.
+#[derive(Debug, Default)]
 struct RowEntries {
-    /// `(1, n_kv_heads, S, head_dim)` keys, rotated at their positions.
+    /// `(1, n_kv_heads, capacity, head_dim)` keys, rotated at their positions; slots
+    /// `len..` hold nothing meaningful.
     k: Option<Tensor>,
-    /// `(1, n_kv_heads, S, head_dim)` values.
+    /// `(1, n_kv_heads, capacity, head_dim)` values.
     v: Option<Tensor>,
-    /// Ascending.
+    /// The positions of the `len` entries, ascending.
     positions: Vec<u32>,
+}
+
+/// Slots of a row's first buffer.
+const MIN_CAPACITY: usize = 16;
+
+impl RowEntries {
+    fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    /// A fresh buffer of `capacity` slots shaped like `like` (`(1, h, _, w)`) holding the
+    /// first `len` entries of `old`.
+    fn regrow(old: Option<&Tensor>, like: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
+        let (_, heads, _, width) = like.dims4()?;
+        let buf = Tensor::zeros((1, heads, capacity, width), like.dtype(), like.device())?;
+        if let Some(old) = old.filter(|_| len > 0) {
+            buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        Ok(buf)
+    }
+
+    /// The entries as `(1, h, len, w)` views of the buffers (no copy).
+    fn views(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) if self.len() > 0 => Ok(Some((
+                k.narrow(2, 0, self.len())?,
+                v.narrow(2, 0, self.len())?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Clone for RowEntries {
+    /// A deep copy: buffers are written in place, so two caches must never share one.
+    fn clone(&self) -> Self {
+        let copy = |t: &Option<Tensor>| t.as_ref().and_then(|t| t.copy().ok());
+        Self {
+            k: copy(&self.k),
+            v: copy(&self.v),
+            positions: self.positions.clone(),
+        }
+    }
 }
 
 /// The KV cache of a batch: for every layer and row, the K/V entries of the tokens that
@@ -28,10 +79,13 @@ pub struct KvCache {
     seen: Vec<usize>,
 }
 
-/// The padded keys of a batch at one layer, ready for attention.
+/// The padded keys of a batch at one layer, ready for attention. For a batch of one row
+/// the tensors are views of the cache's buffers (no copy): use them before the cache
+/// changes.
 #[derive(Debug, Clone)]
 pub struct LayerKeys {
-    /// `(B, n_kv_heads, S, head_dim)`, rows zero-padded to the longest.
+    /// `(B, n_kv_heads, S, head_dim)`, rows zero-padded to the longest (a row's padding
+    /// slots hold finite values that `valid` masks).
     pub k: Tensor,
     /// `(B, n_kv_heads, S, head_dim)`.
     pub v: Tensor,
@@ -103,18 +157,18 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         for row in self.layers.iter_mut().flatten() {
             let keep = row.positions.partition_point(|&p| (p as usize) < len);
-            if keep == row.positions.len() {
+            if keep == row.len() {
                 continue;
             }
             row.positions.truncate(keep);
-            let cut = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
-                Ok(match t {
-                    Some(t) if keep > 0 => Some(t.narrow(2, 0, keep)?.contiguous()?),
-                    _ => None,
-                })
-            };
-            row.k = cut(&row.k)?;
-            row.v = cut(&row.v)?;
+            // Fresh buffers: views handed out before must not see later writes.
+            if let (Some(k), Some(v)) = (row.k.take(), row.v.take()) {
+                if keep > 0 {
+                    let capacity = keep.max(MIN_CAPACITY);
+                    row.k = Some(RowEntries::regrow(Some(&k), &k, keep, capacity)?);
+                    row.v = Some(RowEntries::regrow(Some(&v), &v, keep, capacity)?);
+                }
+            }
         }
         for s in &mut self.seen {
             *s = (*s).min(len);
@@ -202,15 +256,16 @@ impl KvCache {
             )));
         }
         let e = &mut self.layers[layer][row];
-        let cat = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
-            Ok(match old {
-                None => new.contiguous()?,
-                Some(old) => Tensor::cat(&[old, new], 2)?,
-            })
-        };
-        let (k, v) = (cat(&e.k, k)?, cat(&e.v, v)?);
-        e.k = Some(k);
-        e.v = Some(v);
+        let (len, s) = (e.len(), positions.len());
+        if len + s > e.capacity() {
+            let capacity = (len + s).max(2 * e.capacity()).max(MIN_CAPACITY);
+            e.k = Some(RowEntries::regrow(e.k.as_ref(), k, len, capacity)?);
+            e.v = Some(RowEntries::regrow(e.v.as_ref(), v, len, capacity)?);
+        }
+        if let (Some(bk), Some(bv)) = (&e.k, &e.v) {
+            bk.slice_set(&k.contiguous()?, 2, len)?;
+            bv.slice_set(&v.contiguous()?, 2, len)?;
+        }
         e.positions.extend_from_slice(positions);
         Ok(())
     }
@@ -237,52 +292,66 @@ impl KvCache {
         if s == 0 {
             return Ok(None);
         }
-        let pad = |t: &Option<Tensor>, len: usize| -> Result<Tensor> {
-            let missing = s - len;
-            let zeros = || Tensor::zeros((1, n_kv, missing, head_dim), dtype, device);
-            Ok(match t {
-                None => zeros()?,
-                Some(t) if missing == 0 => t.clone(),
-                Some(t) => Tensor::cat(&[t, &zeros()?], 2)?,
-            })
-        };
-        let mut ks = Vec::with_capacity(rows.len());
-        let mut vs = Vec::with_capacity(rows.len());
-        let mut pos = Vec::with_capacity(rows.len() * s);
-        let mut valid = Vec::with_capacity(rows.len() * s);
+        let b = rows.len();
+        let mut pos = Vec::with_capacity(b * s);
+        let mut valid = Vec::with_capacity(b * s);
         for (r, &len) in rows.iter().zip(&lengths) {
-            ks.push(pad(&r.k, len)?);
-            vs.push(pad(&r.v, len)?);
             pos.extend_from_slice(&r.positions);
             pos.extend(std::iter::repeat_n(0, s - len));
             valid.extend(std::iter::repeat_n(1u8, len));
             valid.extend(std::iter::repeat_n(0u8, s - len));
         }
-        let b = rows.len();
+        let (k, v) = match rows.as_slice() {
+            // One row: views of its buffers, nothing copied.
+            [row] => row
+                .views()?
+                .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} lost its entries")))?,
+            _ => {
+                let zeros = |n: usize| Tensor::zeros((1, n_kv, n, head_dim), dtype, device);
+                let (mut ks, mut vs) = (Vec::with_capacity(b), Vec::with_capacity(b));
+                for (row, &len) in rows.iter().zip(&lengths) {
+                    let (k, v) = match row.views()? {
+                        Some((k, v)) if len == s => (k, v),
+                        Some((k, v)) => (
+                            Tensor::cat(&[&k, &zeros(s - len)?], 2)?,
+                            Tensor::cat(&[&v, &zeros(s - len)?], 2)?,
+                        ),
+                        None => (zeros(s)?, zeros(s)?),
+                    };
+                    ks.push(k);
+                    vs.push(v);
+                }
+                (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
+            }
+        };
         Ok(Some(LayerKeys {
-            k: Tensor::cat(&ks, 0)?,
-            v: Tensor::cat(&vs, 0)?,
+            k,
+            v,
             positions: Tensor::from_vec(pos, (b, s), device)?,
             valid: Tensor::from_vec(valid, (b, s), device)?,
             lengths,
         }))
     }
 
-    /// Bytes held by the keys and values of each layer (all rows).
+    /// Bytes of the key and value entries of each layer (all rows): what the cache must
+    /// hold, excluding the spare capacity of its buffers.
     pub fn layer_bytes(&self) -> Vec<usize> {
         self.layers
             .iter()
             .map(|rows| {
                 rows.iter()
-                    .flat_map(|r| [&r.k, &r.v])
-                    .flatten()
-                    .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                    .filter_map(|r| Some((r.len(), r.k.as_ref()?)))
+                    .map(|(len, k)| {
+                        let (_, heads, _, width) = k.dims4().unwrap_or_default();
+                        2 * len * heads * width * k.dtype().size_in_bytes()
+                    })
                     .sum()
             })
             .collect()
     }
 
-    /// Bytes held by every key and value of the cache.
+    /// Bytes of every key and value entry of the cache (see
+    /// [`layer_bytes`](Self::layer_bytes)).
     pub fn bytes(&self) -> usize {
         self.layer_bytes().iter().sum()
     }
