@@ -1,13 +1,16 @@
-//! Prefill and decode speed and KV-cache memory of a converted model against the original,
-//! same binary, same input, interleaved repetitions; prints a table.
+//! Prefill and decode speed and KV-cache memory of a model, and of a converted model
+//! against its dense original (same binary, same input, interleaved repetitions); prints
+//! a table. The same workloads as the peer scripts in `benches/peers/`.
 //!
 //! ```text
-//! cargo run --release --example bench_generate -- --model out/smollm2-mod
+//! cargo run --release --example bench_generate -- --model out/smollm2-mod \
+//!     [--prefill 128 512 2048] [--decode-steps 32] [--reps 3]
 //! ```
+//! A dense model (GGUF file, HF folder) gets the original column only.
 
 mod support;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Parser;
 use modification::generate::decode_batch;
@@ -17,26 +20,52 @@ use std::time::Instant;
 
 #[derive(Parser, Debug)]
 struct Args {
-    /// The converted model folder.
+    /// A converted model folder, or a dense model.
     #[arg(long, default_value = "out/smollm2-mod")]
     model: String,
-    /// Corpus root the prompt is drawn from (held-out rows).
+    /// Corpus root the text is drawn from (Moby Dick's held-out rows).
     #[arg(long, default_value = "assets/corpus")]
     data: std::path::PathBuf,
     /// Prompt lengths to prefill.
-    #[arg(long, num_args = 1.., default_values_t = [512usize, 2048])]
+    #[arg(long, num_args = 1.., default_values_t = [128usize, 512, 2048])]
     prefill: Vec<usize>,
-    /// Decode steps timed after a 512-token prompt.
+    /// Greedy decode steps timed after a 512-token prompt.
     #[arg(long, default_value_t = 32)]
     decode_steps: usize,
-    /// Repetitions (median reported).
+    /// Repetitions (median reported; one more warms up).
     #[arg(long, default_value_t = 3)]
     reps: usize,
 }
 
+/// Tokens the decode measurement is prompted with.
+const DECODE_PROMPT: usize = 512;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Seconds to prefill `prompt` (logits at its last token) and the KV-cache bytes after.
+fn prefill(model: &ModModel, prompt: &[u32], max: usize) -> Result<(f64, usize)> {
+    let batch = Batch::single(prompt, max, &Device::Cpu)?;
+    let mut cache = model.new_cache(1)?;
+    let t = Instant::now();
+    model.forward_cached_last(&batch, &mut cache)?;
+    Ok((t.elapsed().as_secs_f64(), cache.bytes()))
+}
+
+/// Tokens per second of `steps` greedy decode steps after prefilling `prompt`.
+fn decode(model: &ModModel, prompt: &[u32], steps: usize, max: usize) -> Result<f64> {
+    let mut cache = model.new_cache(1)?;
+    let batch = Batch::single(prompt, max, &Device::Cpu)?;
+    let mut logits = model.forward_cached_last(&batch, &mut cache)?.logits;
+    let t = Instant::now();
+    for _ in 0..steps {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        let step = decode_batch(&[next], cache.next_positions(), max, &Device::Cpu)?;
+        logits = model.forward_cached(&step, &mut cache)?.logits;
+    }
+    Ok(steps as f64 / t.elapsed().as_secs_f64())
 }
 
 fn main() -> Result<()> {
@@ -49,113 +78,82 @@ fn main() -> Result<()> {
         args.prefill.iter().all(|&n| n >= 1),
         "every --prefill length must be at least 1"
     );
-    let dev = Device::Cpu;
-    let ckpt = Checkpoint::load(&args.model, DType::F32, &dev)?;
-    let converted =
-        ModModel::from_checkpoint(&ckpt).context("--model must be a converted model")?;
-    let original = ModModel::dense(Llama::from_checkpoint(&ckpt)?)?;
+    let ckpt = Checkpoint::load(&args.model, DType::F32, &Device::Cpu)?;
     let max = ckpt.config.max_position_embeddings;
-    const DECODE_PROMPT: usize = 512;
-    let longest = (args.prefill.iter().copied())
-        .chain([DECODE_PROMPT + args.decode_steps])
-        .max()
-        .unwrap_or(DECODE_PROMPT);
+    let longest = args.prefill.iter().copied().max().unwrap_or(0);
     anyhow::ensure!(
-        longest <= max,
-        "--prefill and 512 + --decode-steps must fit the context of {max} tokens"
+        longest.max(DECODE_PROMPT + args.decode_steps) <= max,
+        "--prefill and {DECODE_PROMPT} + --decode-steps must fit the context of {max} tokens"
     );
+    let mut models = vec![ModModel::dense(Llama::from_checkpoint(&ckpt)?)?];
+    if ckpt.extra_config.contains_key("mod") {
+        models.push(ModModel::from_checkpoint(&ckpt)?);
+    }
     let specs = SourceSpec::folders_of(&args.data)?;
     let opts = CorpusOptions {
         seq_len: 256,
-        heldout_rows: longest.div_ceil(256),
+        heldout_rows: longest.max(DECODE_PROMPT).div_ceil(256),
         ..CorpusOptions::default()
     };
-    let corpus = Corpus::load(
-        &specs,
-        &ckpt.tokenizer,
-        ckpt.config.eos_token_id.unwrap_or(0),
-        &opts,
-    )?;
-    let text: Vec<u32> = corpus
-        .sources
-        .iter()
-        .find(|s| s.name == "moby")
-        .unwrap_or(&corpus.sources[0])
-        .heldout
-        .concat();
+    let eos = ckpt.config.eos_token_id.unwrap_or(0);
+    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
+    let source = (corpus.sources.iter().find(|s| s.name == "moby")).unwrap_or(&corpus.sources[0]);
+    let text: Vec<u32> = source.heldout.concat();
     anyhow::ensure!(
-        text.len() >= longest,
-        "the held-out text has {} tokens; {longest} are needed",
-        text.len()
+        text.len() >= longest.max(DECODE_PROMPT),
+        "the held-out text has {} tokens; {} are needed",
+        text.len(),
+        longest.max(DECODE_PROMPT)
     );
+
     println!(
-        "{:<28} {:>12} {:>12} {:>8}",
+        "{:<30} {:>12} {:>12} {:>8}",
         "measure", "original", "converted", "ratio"
     );
+    let row = |name: String, values: &[f64], digits: usize| {
+        let cells: Vec<String> = values.iter().map(|v| format!("{v:>12.digits$}")).collect();
+        let ratio = match values {
+            [o, c] => format!("{:>8.3}", c / o),
+            _ => format!("{:>8}", "-"),
+        };
+        let converted = cells.get(1).cloned().unwrap_or(format!("{:>12}", "-"));
+        println!("{name:<30} {} {converted} {ratio}", cells[0]);
+    };
     for &n in &args.prefill {
-        let batch = Batch::single(&text[..n], max, &dev)?;
-        let (mut to, mut tc) = (Vec::new(), Vec::new());
-        let (mut bo, mut bc) = (0, 0);
-        for rep in 0..args.reps + 1 {
-            for m in [rep % 2 == 0, rep % 2 == 1] {
-                let model = if m { &original } else { &converted };
-                let mut cache = model.new_cache(1)?;
-                let t = Instant::now();
-                model.forward_cached_last(&batch, &mut cache)?;
-                let s = t.elapsed().as_secs_f64();
+        let mut seconds = vec![Vec::new(); models.len()];
+        let mut bytes = vec![0; models.len()];
+        for rep in 0..=args.reps {
+            // Alternate the order so that neither model always runs on warmer caches.
+            for i in 0..models.len() {
+                let m = (i + rep) % models.len();
+                let (s, b) = prefill(&models[m], &text[..n], max)?;
                 if rep > 0 {
-                    if m {
-                        to.push(s)
-                    } else {
-                        tc.push(s)
-                    }
+                    seconds[m].push(s);
                 }
-                if m {
-                    bo = cache.bytes()
-                } else {
-                    bc = cache.bytes()
-                }
+                bytes[m] = b;
             }
         }
-        let (o, c) = (n as f64 / median(to), n as f64 / median(tc));
-        println!(
-            "{:<28} {:>12.1} {:>12.1} {:>8.3}",
-            format!("prefill {n} tokens/s"),
-            o,
-            c,
-            c / o
-        );
-        println!(
-            "{:<28} {:>12} {:>12} {:>8.3}",
-            format!("KV cache bytes at {n}"),
-            bo,
-            bc,
-            bc as f64 / bo as f64
-        );
+        let rates: Vec<f64> = seconds.into_iter().map(|s| n as f64 / median(s)).collect();
+        row(format!("prefill {n} tokens/s"), &rates, 1);
+        let bytes: Vec<f64> = bytes.iter().map(|&b| b as f64).collect();
+        row(format!("KV cache bytes at {n}"), &bytes, 0);
     }
     let prompt = &text[..DECODE_PROMPT];
-    let mut rates = [Vec::new(), Vec::new()];
-    for rep in 0..args.reps {
-        for m in [rep % 2 == 0, rep % 2 == 1] {
-            let model = if m { &original } else { &converted };
-            let mut cache = model.new_cache(1)?;
-            model.forward_cached_last(&Batch::single(prompt, max, &dev)?, &mut cache)?;
-            let t = Instant::now();
-            for i in 0..args.decode_steps {
-                let tok = text[prompt.len() + i];
-                let step = decode_batch(&[tok], cache.next_positions(), max, &dev)?;
-                model.forward_cached(&step, &mut cache)?;
+    let mut rates = vec![Vec::new(); models.len()];
+    for rep in 0..=args.reps {
+        for i in 0..models.len() {
+            let m = (i + rep) % models.len();
+            let r = decode(&models[m], prompt, args.decode_steps, max)?;
+            if rep > 0 {
+                rates[m].push(r);
             }
-            rates[usize::from(!m)].push(args.decode_steps as f64 / t.elapsed().as_secs_f64());
         }
     }
-    let (o, c) = (median(rates[0].clone()), median(rates[1].clone()));
-    println!(
-        "{:<28} {:>12.1} {:>12.1} {:>8.3}",
-        "decode tokens/s (after 512)",
-        o,
-        c,
-        c / o
+    let rates: Vec<f64> = rates.into_iter().map(median).collect();
+    row(
+        format!("decode tokens/s (after {DECODE_PROMPT})"),
+        &rates,
+        1,
     );
     Ok(())
 }

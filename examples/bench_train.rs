@@ -1,0 +1,116 @@
+//! Speed and peak memory of one conversion training step (4 × 256 tokens by default):
+//! the workload of the PyTorch peer in `benches/peers/pytorch.py`.
+//!
+//! ```text
+//! cargo run --release --example bench_train -- --train routers --objective lm
+//! cargo run --release --example bench_train -- --train all --objective lm
+//! cargo run --release --example bench_train -- --train lora --objective kl   # convert's default
+//! ```
+//! Prints tokens/s (median of `--reps` steps after one warm-up step) and the process's
+//! peak resident memory. Run one setting per process: the peak is per process.
+
+mod support;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::{Parser, ValueEnum};
+use modification::mixture_of_depths::{KvPolicy, LayerRule, RoutedLayers};
+use modification::train::Trainer;
+use modification::train::{Corpus, CorpusOptions, Objective, SourceSpec, TrainConfig, Trainable};
+use modification::{Checkpoint, ModConfig};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TrainArg {
+    Routers,
+    Lora,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ObjectiveArg {
+    Lm,
+    Kl,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value = "assets/model/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: String,
+    #[arg(long, default_value = "assets/corpus")]
+    data: std::path::PathBuf,
+    /// What trains.
+    #[arg(long, value_enum, default_value = "routers")]
+    train: TrainArg,
+    /// The objective.
+    #[arg(long, value_enum, default_value = "lm")]
+    objective: ObjectiveArg,
+    /// Rows per step.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+/// Peak resident memory of this process, bytes (Linux; 0 elsewhere).
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    (status.lines())
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn main() -> Result<()> {
+    support::tune_malloc_for_tensors();
+    support::init_logging();
+    let args = Args::parse();
+    anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
+    let ckpt = Checkpoint::load(&args.model, DType::F32, &Device::Cpu)?;
+    let specs = SourceSpec::folders_of(&args.data)?;
+    let opts = CorpusOptions {
+        seq_len: args.seq_len,
+        ..CorpusOptions::default()
+    };
+    let eos = ckpt.config.eos_token_id.unwrap_or(0);
+    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
+    let mod_config = ModConfig {
+        routed_layers: RoutedLayers::Rule(LayerRule::All),
+        kv_policy: KvPolicy::Keep,
+        ..ModConfig::default()
+    };
+    let train_config = TrainConfig {
+        steps: args.reps + 1,
+        batch_size: args.batch_size,
+        trainable: match args.train {
+            TrainArg::Routers => Trainable::Routers,
+            TrainArg::Lora => Trainable::Lora,
+            TrainArg::All => Trainable::All,
+        },
+        objective: match args.objective {
+            ObjectiveArg::Lm => Objective::Lm,
+            ObjectiveArg::Kl => Objective::Kl,
+        },
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&ckpt, mod_config, train_config)?;
+    let mut rates = Vec::new();
+    for step in 0..=args.reps {
+        let r = trainer.train_step(&corpus)?;
+        if step > 0 {
+            rates.push(r.tokens as f64 / r.seconds);
+        }
+    }
+    rates.sort_by(|a, b| a.total_cmp(b));
+    let name = format!("train {:?} {:?} tok/s", args.train, args.objective).to_lowercase();
+    println!("{name:<30} {:>12.1}", rates[rates.len() / 2]);
+    println!(
+        "{:<30} {:>12.2}",
+        "peak resident GB",
+        peak_rss() as f64 / (1u64 << 30) as f64
+    );
+    Ok(())
+}
