@@ -285,6 +285,7 @@ fn check_args(args: &Args) -> Result<(DType, ModConfig, TrainConfig)> {
         other => anyhow::bail!("unknown --dtype {other} (f32 or bf16)"),
     };
     let (mod_config, train_config) = settings(args);
+    mod_config.check_fresh_values()?;
     train_config.validate()?;
     anyhow::ensure!(
         args.sinks < args.seq_len,

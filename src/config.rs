@@ -65,7 +65,8 @@ pub struct LlamaConfig {
 /// that only names the default type) mean plain RoPE at θ.
 ///
 /// Errors: [`Error::Config`] for a rope type other than `default` (YaRN, LLaMA-3.1
-/// scaling, ... are not implemented), a non-numeric θ, or a nested θ that contradicts a
+/// scaling, ... are not implemented), per-layer-type parameters, a partial rotary factor,
+/// a value that is not an object, a non-numeric θ, or a nested θ that contradicts a
 /// top-level `rope_theta`.
 fn normalize_rope(value: &mut serde_json::Value) -> Result<()> {
     let Some(obj) = value.as_object_mut() else {
@@ -75,6 +76,25 @@ fn normalize_rope(value: &mut serde_json::Value) -> Result<()> {
         let Some(params) = obj.get(key).filter(|v| !v.is_null()) else {
             continue;
         };
+        let Some(fields) = params.as_object() else {
+            return Err(Error::config(format!(
+                "{key} must be an object, got {params}"
+            )));
+        };
+        // transformers' per-layer-type form: {"full_attention": {...}, ...}.
+        if fields.values().any(|v| v.is_object()) {
+            return Err(Error::config(format!(
+                "{key}: per-layer-type RoPE parameters are not supported"
+            )));
+        }
+        if let Some(f) = fields
+            .get("partial_rotary_factor")
+            .filter(|f| f.as_f64() != Some(1.0))
+        {
+            return Err(Error::config(format!(
+                "{key}: partial_rotary_factor {f} is not supported (RoPE over the whole head)"
+            )));
+        }
         let kind = params
             .get("rope_type")
             .or_else(|| params.get("type"))

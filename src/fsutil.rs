@@ -4,8 +4,17 @@
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
-/// Prefix of the staging entries this module creates (followed by the writer's process id).
+/// Prefix of the staging entries this module creates: `{STAGING}{pid}-{n}-{name}`.
 const STAGING: &str = ".modification-staging-";
+/// Suffix of a replaced folder kept until its replacement is in place.
+const OLD: &str = ".old";
+
+/// A staging name unique to this process and call.
+fn staging_name(name: &str) -> String {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{STAGING}{}-{n}-{name}", std::process::id())
+}
 
 /// Writes files into `dir` atomically, file by file: `write` fills a fresh staging folder
 /// inside `dir`; each file is flushed to disk and then renamed over its namesake in `dir`.
@@ -19,8 +28,16 @@ pub fn write_files_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()
     let created = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     remove_stale_staging(dir);
-    let staging = dir.join(format!("{STAGING}{}", std::process::id()));
+    let staging = dir.join(staging_name(""));
     let result = stage(&staging, write).and_then(|files| {
+        // Every target must be replaceable before anything is renamed.
+        if let Some(name) = files.iter().find(|name| dir.join(name).is_dir()) {
+            let path = dir.join(name);
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "a folder is in the way"),
+            ));
+        }
         for name in files {
             let to = dir.join(&name);
             std::fs::rename(staging.join(&name), &to).map_err(|e| Error::io(&to, e))?;
@@ -53,9 +70,8 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
         .into_owned();
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     remove_stale_staging(&parent);
-    let pid = std::process::id();
-    let staging = parent.join(format!("{STAGING}{pid}-{name}"));
-    let old = parent.join(format!("{STAGING}{pid}-{name}.old"));
+    let staging = parent.join(staging_name(&name));
+    let old = parent.join(format!("{}{OLD}", staging_name(&name)));
     stage(&staging, write).inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&staging);
     })?;
@@ -106,8 +122,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes the staging entries of `dir` whose writer process no longer runs (a run that
-/// crashed or was killed mid-write). Best effort: failures are ignored.
+/// Cleans up after writers of `dir` that no longer run (a run that crashed or was killed
+/// mid-write): staging entries are removed; a replaced folder whose replacement never
+/// arrived is put back. Best effort: failures are ignored.
 fn remove_stale_staging(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -117,9 +134,20 @@ fn remove_stale_staging(dir: &Path) {
         let Some(rest) = name.strip_prefix(STAGING) else {
             continue;
         };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !process_is_alive(pid)) {
-            let _ = std::fs::remove_dir_all(entry.path());
+        // `{pid}-{n}-{name}`, `{name}` possibly with the `.old` suffix.
+        let mut parts = rest.splitn(3, '-');
+        let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_none_or(process_is_alive) {
+            continue;
+        }
+        let original = parts.nth(1).and_then(|n| n.strip_suffix(OLD));
+        match original.map(|n| dir.join(n)) {
+            Some(target) if !target.exists() => {
+                let _ = std::fs::rename(entry.path(), target);
+            }
+            _ => {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 }

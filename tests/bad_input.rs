@@ -846,6 +846,46 @@ fn export_keeps_unrelated_files_and_removes_stale_staging() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
+#[test]
+fn atomic_writes_change_nothing_when_a_target_is_a_folder() {
+    use modification::fsutil::{write_dir_atomically, write_files_atomically};
+    let root = common::temp_dir("fsutil-in-the-way");
+    let dir = root.join("out");
+    std::fs::create_dir_all(dir.join("m").join("sub")).unwrap();
+    for name in ["a", "b"] {
+        std::fs::write(dir.join(name), "old").unwrap();
+    }
+    let err = write_files_atomically(&dir, |staging| {
+        for name in ["a", "b", "m"] {
+            std::fs::write(staging.join(name), "new").unwrap();
+        }
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    for name in ["a", "b"] {
+        assert_eq!(std::fs::read_to_string(dir.join(name)).unwrap(), "old");
+    }
+    assert_eq!(entries(&dir), ["a", "b", "m"]);
+
+    // A run killed between moving a folder aside and putting its replacement in place:
+    // the next write beside it puts the original back.
+    let state = root.join("state");
+    let aside = root.join(".modification-staging-4194305-0-state.old");
+    std::fs::create_dir_all(&aside).unwrap();
+    std::fs::write(aside.join("trainer.json"), "{}").unwrap();
+    write_dir_atomically(&root.join("other"), |staging| {
+        std::fs::write(staging.join("x"), "x").map_err(|e| Error::Io {
+            path: staging.join("x"),
+            source: e,
+        })
+    })
+    .unwrap();
+    assert!(state.join("trainer.json").is_file());
+    assert_eq!(entries(&root), ["other", "out", "state"]);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 // 11. Token ids outside the vocabulary, and a mistyped local path that is no hub id.
 
 #[test]
@@ -916,6 +956,9 @@ fn nested_rope_parameters_reach_the_rotary_table() {
         r#""rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}"#,
         r#""rope_parameters": {"rope_theta": "big"}"#,
         r#""rope_theta": 10000.0, "rope_parameters": {"rope_theta": 500000.0}"#,
+        r#""rope_parameters": 5"#,
+        r#""rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5e5}}"#,
+        r#""rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}"#,
     ] {
         let err = LlamaConfig::from_json_str(&format!("{{{base}, {extra}}}")).unwrap_err();
         assert!(matches!(err, Error::Config { .. }), "{extra}: {err:?}");

@@ -78,9 +78,18 @@ fn all_gates_closed_makes_every_routed_layer_the_identity() {
                 .iter()
                 .all(|s| s.kept == 0 && s.kept_fraction() == 0.0));
         }
-        // Inference computes nothing but the routers in closed layers.
-        let out = m.forward(&batch, Mode::Inference).unwrap();
-        assert!(out.stats.iter().all(|s| s.flops < 0.01 * s.dense_flops));
+        // A closed layer computes its router (2·d per token) and, under Keep, the keys
+        // and values every token still writes (4·d·d_kv per token); nothing else. The
+        // same in training, which counts what inference spends.
+        let (d, d_kv, t) = (64.0, 2.0 * 16.0, 12.0);
+        let want = match kv {
+            KvPolicy::Skip => 2.0 * d * t,
+            KvPolicy::Keep => 2.0 * d * t + 4.0 * d * d_kv * t,
+        };
+        for mode in [Mode::Inference, Mode::Training] {
+            let out = m.forward(&batch, mode).unwrap();
+            assert!(out.stats.iter().all(|s| s.flops == want), "{kv:?} {mode:?}");
+        }
     }
 }
 

@@ -168,15 +168,26 @@ impl ModConfig {
     }
 
     /// Checks the settings of a conversion that starts from fresh routers: [`validate`]
-    /// plus the initial bias, which must keep every token (`sigmoid(b) >= p` for every p),
-    /// so that a fresh conversion starts from the pretrained model.
+    /// plus [`check_fresh_values`](Self::check_fresh_values).
     ///
     /// [`validate`]: Self::validate
     ///
-    /// Errors: those of [`validate`](Self::validate); [`Error::Config`] for an initial bias
-    /// that would skip tokens of a fresh model.
+    /// Errors: those of [`validate`](Self::validate) and
+    /// [`check_fresh_values`](Self::check_fresh_values).
     pub fn validate_fresh(&self, num_layers: usize) -> Result<()> {
         self.validate(num_layers)?;
+        self.check_fresh_values()
+    }
+
+    /// The checks of [`validate_fresh`](Self::validate_fresh) that need no model: those of
+    /// [`check_values`](Self::check_values), and an initial bias that keeps every token
+    /// (`sigmoid(b) >= p` for every p), so that a fresh conversion starts from the
+    /// pretrained model. What a command line checks before loading anything.
+    ///
+    /// Errors: [`Error::Config`] as [`check_values`](Self::check_values), or for an
+    /// initial bias that would skip tokens of a fresh model.
+    pub fn check_fresh_values(&self) -> Result<()> {
+        self.check_values()?;
         if let RouterKind::ThresholdP { p, per_layer } = &self.router {
             for &pj in std::iter::once(p).chain(per_layer.values()) {
                 if sigmoid(self.gate_init_bias) < pj {
@@ -195,22 +206,32 @@ impl ModConfig {
     /// may carry any thresholds in (0, 1); see [`validate_fresh`](Self::validate_fresh) for a
     /// new conversion).
     ///
-    /// Errors: [`Error::Config`] for p outside (0, 1) (global or per layer), a per-layer p
-    /// for a layer that is not routed, capacity outside (0, 1], α negative or not finite,
-    /// or a routed layer index past the model.
+    /// Errors: [`Error::Config`] as [`check_values`](Self::check_values), for a per-layer
+    /// p for a layer that is not routed, or a routed layer index past the model.
     pub fn validate(&self, num_layers: usize) -> Result<()> {
+        self.check_values()?;
         let layers = self.routed_layer_indices(num_layers)?;
+        if let RouterKind::ThresholdP { per_layer, .. } = &self.router {
+            if let Some(j) = per_layer.keys().find(|j| !layers.contains(j)) {
+                return Err(Error::config(format!(
+                    "a threshold is given for layer {j}, which is not routed"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks that need no model.
+    ///
+    /// Errors: [`Error::Config`] for p outside (0, 1) (global or per layer), capacity
+    /// outside (0, 1], α negative or not finite, or a non-finite initial bias.
+    pub fn check_values(&self) -> Result<()> {
         match &self.router {
             RouterKind::ThresholdP { p, per_layer } => {
-                for (&j, &pj) in std::iter::once((&usize::MAX, p)).chain(per_layer.iter()) {
+                for &pj in std::iter::once(p).chain(per_layer.values()) {
                     if !(pj > 0.0 && pj < 1.0) {
                         return Err(Error::config(format!(
                             "threshold p = {pj} is outside (0, 1)"
-                        )));
-                    }
-                    if j != usize::MAX && !layers.contains(&j) {
-                        return Err(Error::config(format!(
-                            "a threshold is given for layer {j}, which is not routed"
                         )));
                     }
                 }

@@ -98,8 +98,14 @@ pub(super) fn sparse_layer(
         (true, dw) => dw,
         (false, _) => Dispatch::new(tokens.queries, &device, dtype)?,
     };
+    // Writers' keys and values are computed (and cached) even when no query follows.
+    let key_lengths = match &keys {
+        Some(keys) => keys.lengths.clone(),
+        None => vec![0; batch.batch_size()],
+    };
+    let spent = layer_cost(cfg, tokens.queries, tokens.writers, &key_lengths);
     let (Some(dq), Some(keys)) = (queries, keys) else {
-        return Ok((x.clone(), 0.0));
+        return Ok((x.clone(), spent));
     };
     let pos_q = dq.gather_tokens(batch.positions())?;
     let mask = match tokens.keys {
@@ -121,13 +127,15 @@ pub(super) fn sparse_layer(
         Some(w) => delta.broadcast_mul(&dq.gather_tokens(w)?.to_dtype(dtype)?.unsqueeze(2)?)?,
         None => delta,
     };
-    let spent = layer_cost(cfg, tokens.queries, tokens.writers, &keys.lengths);
     Ok((dq.add_back(x, &delta)?, spent))
 }
 
 /// FLOPs of a layer that computes `queries`, computes keys and values for `writers`, and
 /// attends each query of row b to `keys_per_row[b]` keys; every row counted without the
-/// padding slots a batched computation adds (the model's compute, not the batch's).
+/// padding slots a batched computation adds (the model's compute, not the batch's). A
+/// query is counted against every key of its row in the call, the masked later ones
+/// included (what a batched attention computes), so a prompt split into chunks counts
+/// slightly fewer pairs than one prefill.
 pub(super) fn layer_cost(
     cfg: &LlamaConfig,
     queries: &Selection,

@@ -196,7 +196,24 @@ impl ModModel {
     /// The forward pass of every use: `cache` given for a prefill or decode step,
     /// `causal` for the per-token decision generation makes. Every layer, dense or routed,
     /// in every mode, runs through [`layer::sparse_layer`].
+    ///
+    /// A failure half-way leaves `cache` as it was before the call.
     pub(crate) fn run(
+        &self,
+        batch: &Batch,
+        mode: Mode,
+        causal: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<HiddenOutput> {
+        let snapshot = cache.as_deref().map(KvCache::snapshot);
+        let result = self.run_layers(batch, mode, causal, cache.as_deref_mut());
+        if let (Err(_), Some(cache), Some(snapshot)) = (&result, cache, snapshot) {
+            cache.restore(&snapshot);
+        }
+        result
+    }
+
+    fn run_layers(
         &self,
         batch: &Batch,
         mode: Mode,
@@ -205,6 +222,14 @@ impl ModModel {
     ) -> Result<HiddenOutput> {
         let base = &self.base;
         base.check_batch(batch)?;
+        if cache.is_none() && batch.starts().iter().any(|&s| s > 0) {
+            // The sinks and the keys before the batch live in a cache.
+            return Err(crate::Error::InvalidArgument(
+                "a batch that continues a sequence needs the sequence's KV cache \
+                 (forward_cached)"
+                    .to_string(),
+            ));
+        }
         if let Some(cache) = cache.as_deref() {
             if cache.num_layers() != base.layers().len() {
                 return Err(crate::Error::InvalidArgument(format!(

@@ -72,14 +72,14 @@ impl Batch {
                 rows.len()
             )));
         }
-        if let Some(end) = (rows.iter().zip(starts))
-            .map(|(r, s)| s + r.len())
-            .find(|&end| end > max_len)
-        {
-            return Err(Error::SequenceTooLong {
-                len: end,
-                max: max_len,
-            });
+        for (row, &start) in rows.iter().zip(starts) {
+            let end = start.checked_add(row.len()).unwrap_or(usize::MAX);
+            if end > max_len {
+                return Err(Error::SequenceTooLong {
+                    len: end,
+                    max: max_len,
+                });
+            }
         }
         let t = rows.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows.len() * t);

@@ -219,14 +219,32 @@ impl KvCache {
         ))
     }
 
+    /// The number of entries of every layer and row, for [`restore`](Self::restore).
+    pub(crate) fn snapshot(&self) -> Vec<Vec<usize>> {
+        (self.layers.iter())
+            .map(|rows| rows.iter().map(RowEntries::len).collect())
+            .collect()
+    }
+
+    /// Drops every entry appended since `snapshot` (a forward pass that failed half-way).
+    /// Buffer slots past a row's length are never read, so nothing is copied.
+    pub(crate) fn restore(&mut self, snapshot: &[Vec<usize>]) {
+        for (rows, lens) in self.layers.iter_mut().zip(snapshot) {
+            for (row, &len) in rows.iter_mut().zip(lens) {
+                row.positions.truncate(len);
+            }
+        }
+    }
+
     /// Appends `k`, `v` (`(1, n_kv_heads, s, head_dim)`) at `positions` (length s,
-    /// ascending, after the row's last entry) to `row` of `layer`.
+    /// ascending, after the row's last entry) to `row` of `layer`. Only a forward pass
+    /// appends: the cache's sequence state must stay the same at every layer.
     ///
     /// Errors: [`Error::InvalidArgument`] for a layer or row the cache does not have, `k`
     /// and `v` of different shapes or not of rank 4 with one row, `s` different from
     /// `positions.len()`, or positions that are not ascending past the row's entries;
     /// [`Error::Candle`] when the new entries differ from the old in heads, width or dtype.
-    pub fn append(
+    pub(crate) fn append(
         &mut self,
         layer: usize,
         row: usize,
@@ -236,6 +254,13 @@ impl KvCache {
     ) -> Result<()> {
         let last = self.entries(layer, row)?.positions.last().copied();
         let shape_ok = k.dims() == v.dims() && k.rank() == 4 && k.dims()[0] == 1;
+        if k.dtype() != v.dtype() {
+            return Err(Error::InvalidArgument(format!(
+                "keys in {:?} and values in {:?}",
+                k.dtype(),
+                v.dtype()
+            )));
+        }
         if !shape_ok || k.dims()[2] != positions.len() {
             return Err(Error::InvalidArgument(format!(
                 "keys {:?} and values {:?} for {} positions: expected (1, heads, {}, width) each",
@@ -354,5 +379,34 @@ impl KvCache {
     /// [`layer_bytes`](Self::layer_bytes)).
     pub fn bytes(&self) -> usize {
         self.layer_bytes().iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_appends_are_errors_and_change_nothing() {
+        let mut cache = KvCache::new(2, 1).unwrap();
+        let k = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let bad = |r: Result<()>| assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        bad(cache.append(2, 0, &k, &k, &[0, 1, 2]));
+        bad(cache.append(0, 1, &k, &k, &[0, 1, 2]));
+        bad(cache.append(0, 0, &k, &k, &[0, 1]));
+        bad(cache.append(0, 0, &k, &k, &[2, 1, 3]));
+        let v = Tensor::zeros((1, 2, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        bad(cache.append(0, 0, &k, &v, &[0, 1, 2]));
+        let v16 = k.to_dtype(DType::BF16).unwrap();
+        bad(cache.append(0, 0, &k, &v16, &[0, 1, 2]));
+        assert_eq!(cache.len(0, 0).unwrap(), 0);
+        cache.append(0, 0, &k, &k, &[0, 1, 2]).unwrap();
+        bad(cache.append(0, 0, &k, &k, &[2, 3, 4]));
+        assert_eq!(cache.len(0, 0).unwrap(), 3);
+        // A restore drops what came after the snapshot.
+        let snap = cache.snapshot();
+        cache.append(1, 0, &k, &k, &[0, 1, 2]).unwrap();
+        cache.restore(&snap);
+        assert_eq!((cache.len(0, 0).unwrap(), cache.len(1, 0).unwrap()), (3, 0));
     }
 }

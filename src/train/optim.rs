@@ -120,14 +120,27 @@ impl AdamW {
         state: &HashMap<String, Tensor>,
         steps_taken: usize,
     ) -> Result<()> {
-        for s in &mut self.slots {
-            for (suffix, slot) in [("adam_m", &mut s.m), ("adam_v", &mut s.v)] {
+        // Read and check every moment before replacing any.
+        let mut moments = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let read = |suffix: &str| -> Result<Tensor> {
                 let name = format!("{}.{suffix}", s.name);
                 let t = state
                     .get(&name)
                     .ok_or_else(|| crate::Error::MissingTensor { name: name.clone() })?;
-                *slot = t.to_device(s.var.device())?.to_dtype(s.var.dtype())?;
-            }
+                if t.dims() != s.var.dims() {
+                    return Err(crate::Error::ShapeMismatch {
+                        name,
+                        expected: s.var.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                Ok(t.to_device(s.var.device())?.to_dtype(s.var.dtype())?)
+            };
+            moments.push((read("adam_m")?, read("adam_v")?));
+        }
+        for (s, (m, v)) in self.slots.iter_mut().zip(moments) {
+            (s.m, s.v) = (m, v);
         }
         self.step = steps_taken;
         Ok(())

@@ -101,7 +101,16 @@ impl Trainer {
                 return Err(differs(what));
             }
         }
-        let step = meta["step"].as_u64().unwrap_or(0) as usize;
+        let counter = |key: &str| -> Result<usize> {
+            meta[key]
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::Checkpoint {
+                    path: meta_path.clone(),
+                    reason: format!("no `{key}`"),
+                })
+        };
+        let step = counter("step")?;
         if step > self.config.steps {
             return Err(Error::Config {
                 path: Some(meta_path),
@@ -111,7 +120,7 @@ impl Trainer {
                 ),
             });
         }
-        let opt_steps = meta["optimizer_steps"].as_u64().unwrap_or(0) as usize;
+        let opt_steps = counter("optimizer_steps")?;
         let state_path = dir.join(STATE_FILE);
         if !state_path.is_file() {
             return Err(Error::io(
@@ -126,14 +135,27 @@ impl Trainer {
                     reason: e.to_string(),
                 }
             })?;
+        // Everything is read and checked before anything is set: a bad state leaves the
+        // trainer as it was.
+        let mut params = Vec::new();
         for (name, var) in self.opt.vars() {
             let key = format!("param.{name}");
             let t = state
                 .get(&key)
                 .ok_or(Error::MissingTensor { name: key.clone() })?;
-            var.set(&t.to_dtype(var.dtype())?)?;
+            if t.dims() != var.dims() {
+                return Err(Error::ShapeMismatch {
+                    name: key,
+                    expected: var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            params.push((var.clone(), t.to_dtype(var.dtype())?));
         }
         self.opt.load_state(&state, opt_steps)?;
+        for (var, t) in params {
+            var.set(&t)?;
+        }
         self.step = step;
         Ok(())
     }
