@@ -1,0 +1,118 @@
+//! `x · wᵀ` for a few rows of `x`: the decode step's matmul.
+//!
+//! A decode step multiplies one token's activations by every weight matrix, so it reads
+//! each weight once and is bound by memory bandwidth. A general matmul packs the weight
+//! into blocks first, which reads and writes it again; here each output is a dot product
+//! of `x`'s row with a contiguous row of the `(out, in)` weight, read once, and the rows
+//! are split across threads.
+
+use rayon::prelude::*;
+
+/// Rows of `x` up to which [`gemv`] beats the packed matmul.
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// `y = x · wᵀ`: `x` `(m, k)` and `w` `(n, k)` row-major f32 slices; returns `y` `(m, n)`
+/// row-major.
+pub(crate) fn gemv(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    debug_assert!(x.len() >= m * k && w.len() >= n * k);
+    // Blocks of outputs per task: big enough to amortise scheduling, small enough to
+    // balance two to a few dozen threads.
+    const BLOCK: usize = 64;
+    let mut out_t = vec![0f32; n * m];
+    let block_of_outputs = |(block, out): (usize, &mut [f32])| {
+        for (i, o) in out.chunks_mut(m).enumerate() {
+            let row = &w[(block * BLOCK + i) * k..][..k];
+            for (r, y) in o.iter_mut().enumerate() {
+                *y = dot(&x[r * k..][..k], row);
+            }
+        }
+    };
+    // Even a small weight is read faster by every core than by one.
+    (out_t.par_chunks_mut(BLOCK * m).enumerate()).for_each(block_of_outputs);
+    if m == 1 {
+        return out_t;
+    }
+    // `out_t` is `(n, m)`; transpose to `(m, n)`.
+    let mut y = vec![0f32; m * n];
+    for (j, col) in out_t.chunks(m).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * n + j] = v;
+        }
+    }
+    y
+}
+
+/// Dot product, with the widest vector instructions this CPU has.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { dot_avx512(a, b) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+/// Dot product with 16 independent partial sums, so that it vectorises at the width the
+/// caller is compiled for.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_main, b_tail) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_equals_the_naive_product() {
+        for (m, k, n) in [(1, 1, 1), (1, 576, 1536), (3, 37, 130), (8, 16, 65)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0)
+                .collect();
+            let y = gemv(&x, m, k, &w, n);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                        .sum();
+                    let got = y[r * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{m} {k} {n}"
+                    );
+                }
+            }
+        }
+    }
+}
