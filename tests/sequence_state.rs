@@ -336,3 +336,52 @@ fn threshold(p: f64) -> RouterKind {
         per_layer: Default::default(),
     }
 }
+
+/// A tiny model with a context long enough for several attention chunks.
+fn long_context_llama() -> modification::Llama {
+    let mut cfg = tiny::config(3);
+    cfg.max_position_embeddings = 1024;
+    let vb = candle_nn::VarBuilder::from_tensors(tiny::weights(&cfg), DType::F32, &Device::Cpu);
+    modification::Llama::load(vb, &cfg).unwrap()
+}
+
+#[test]
+fn long_prompts_attend_in_chunks_and_match_unchunked_references() {
+    // 600 tokens: three query chunks. The dense model through the layer function must
+    // equal `Llama::forward`, which attends all queries at once.
+    let tokens = tiny::ids(600, 50);
+    let base = long_context_llama();
+    let full = Batch::single(&tokens, 1024, &Device::Cpu).unwrap();
+    let dense = ModModel::dense(base.clone()).unwrap();
+    let got = dense.forward(&full, Mode::Inference).unwrap().logits;
+    let want = base.forward(&full).unwrap();
+    assert!(common::max_diff(&got, &want) < 1e-4);
+    for kv in [KvPolicy::Skip, KvPolicy::Keep] {
+        let cfg = ModConfig {
+            kv_policy: kv,
+            sink_tokens: 1,
+            ..tiny::config_all_layers()
+        };
+        let model = tiny::mod_model(base.clone(), cfg, 3.0, 0.0);
+        let out = model.forward_causal(&full, Mode::Inference).unwrap();
+        // Causality across chunks: a 300-token prompt (its last chunk partly filled)
+        // gives the first 300 rows; a decode step after 599 tokens gives the last row.
+        let head = Batch::single(&tokens[..300], 1024, &Device::Cpu).unwrap();
+        let head = model.forward_causal(&head, Mode::Inference).unwrap().logits;
+        let d = common::max_diff(&head, &out.logits.i((.., ..300)).unwrap());
+        assert!(d < 1e-4, "{kv:?} head: {d}");
+        let mut cache = model.new_cache(1).unwrap();
+        let prompt = Batch::single(&tokens[..599], 1024, &Device::Cpu).unwrap();
+        model.forward_cached(&prompt, &mut cache).unwrap();
+        let step = decode_batch(&[tokens[599]], &[599], 1024, &Device::Cpu).unwrap();
+        let last = model.forward_cached(&step, &mut cache).unwrap().logits;
+        let d = common::max_diff(&last.i((0, 0)).unwrap(), &out.logits.i((0, 599)).unwrap());
+        assert!(d < 1e-4, "{kv:?} last: {d}");
+        // Training computes the same forward value through the same chunks.
+        let train = model.forward_causal(&full, Mode::Training).unwrap().logits;
+        assert!(
+            common::max_diff(&train, &out.logits) < 1e-4,
+            "{kv:?} training"
+        );
+    }
+}

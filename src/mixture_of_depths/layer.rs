@@ -79,6 +79,7 @@ pub(super) fn sparse_layer(
                 positions,
                 valid: dw.valid().clone(),
                 lengths: tokens.writers.kept_per_row(),
+                row_positions: absolute_positions(tokens.writers, batch),
             })
         }
     };
@@ -108,26 +109,75 @@ pub(super) fn sparse_layer(
         return Ok((x.clone(), spent));
     };
     let pos_q = dq.gather_tokens(batch.positions())?;
-    let mask = match tokens.keys {
-        Keys::Causal => attention_mask(&pos_q, &keys.positions, &keys.valid, dtype)?,
-        Keys::KeptOrSelf(kept) => {
-            let kept_k = dq.gather_tokens(kept)?;
-            kept_or_self_mask(&pos_q, &keys.positions, &keys.valid, &kept_k, dtype)?
-        }
+    let kept_k = match tokens.keys {
+        Keys::Causal => None,
+        Keys::KeptOrSelf(kept) => Some(dq.gather_tokens(kept)?),
     };
-    let delta = layer.delta_with_kv(
-        &dq.gather(x)?,
-        &dq.gather(&normed)?,
-        &rope.at(&pos_q, dtype)?,
-        &keys.k,
-        &keys.v,
-        &mask,
-    )?;
+    let (xq, normed_q) = (dq.gather(x)?, dq.gather(&normed)?);
+    let q_positions = absolute_positions(tokens.queries, batch);
+    let mut deltas = Vec::new();
+    for start in (0..dq.width()).step_by(QUERY_CHUNK) {
+        let n = QUERY_CHUNK.min(dq.width() - start);
+        // Keys past the chunk's last query position are masked for all of it: skip them.
+        let limit = key_limit(&q_positions, &keys.row_positions, start, n).max(1);
+        let pos_c = pos_q.narrow(1, start, n)?;
+        let (pos_k, valid_k) = (
+            keys.positions.narrow(1, 0, limit)?,
+            keys.valid.narrow(1, 0, limit)?,
+        );
+        let mask = match &kept_k {
+            None => attention_mask(&pos_c, &pos_k, &valid_k, dtype)?,
+            Some(kept) => {
+                let kept = kept.narrow(1, 0, limit)?;
+                kept_or_self_mask(&pos_c, &pos_k, &valid_k, &kept, dtype)?
+            }
+        };
+        deltas.push(layer.delta_with_kv(
+            &xq.narrow(1, start, n)?,
+            &normed_q.narrow(1, start, n)?,
+            &rope.at(&pos_c, dtype)?,
+            &keys.k.narrow(2, 0, limit)?,
+            &keys.v.narrow(2, 0, limit)?,
+            &mask,
+        )?);
+    }
+    let delta = match deltas.len() {
+        1 => deltas.remove(0),
+        _ => Tensor::cat(&deltas, 1)?,
+    };
     let delta = match tokens.weights {
         Some(w) => delta.broadcast_mul(&dq.gather_tokens(w)?.to_dtype(dtype)?.unsqueeze(2)?)?,
         None => delta,
     };
     Ok((dq.add_back(x, &delta)?, spent))
+}
+
+/// Query slots per attention chunk. A long prompt attends chunk by chunk, each chunk to
+/// the keys up to its last position: no `(T, T)` score tensor is built (memory linear in
+/// T) and most of the masked upper half of the scores is never computed.
+const QUERY_CHUNK: usize = 256;
+
+/// The absolute position of every selected token, per row.
+fn absolute_positions(sel: &Selection, batch: &Batch) -> Vec<Vec<u32>> {
+    (sel.kept().iter().zip(batch.starts()))
+        .map(|(row, &start)| row.iter().map(|&i| start as u32 + i).collect())
+        .collect()
+}
+
+/// How many leading key slots the query slots `start..start + n` can see: per row, the
+/// keys (ascending positions) up to the last of those queries' positions; the largest
+/// over rows.
+fn key_limit(queries: &[Vec<u32>], keys: &[Vec<u32>], start: usize, n: usize) -> usize {
+    (queries.iter().zip(keys))
+        .filter_map(|(q, k)| {
+            let last = *q
+                .get(start..)?
+                .get(..n.min(q.len().saturating_sub(start)))?
+                .last()?;
+            Some(k.partition_point(|&p| p <= last))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// FLOPs of a layer that computes `queries`, computes keys and values for `writers`, and

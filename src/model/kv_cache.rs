@@ -95,6 +95,8 @@ pub struct LayerKeys {
     pub valid: Tensor,
     /// Real entries per row.
     pub lengths: Vec<usize>,
+    /// The positions of each row's real entries, ascending (a host copy of `positions`).
+    pub row_positions: Vec<Vec<u32>>,
 }
 
 impl KvCache {
@@ -355,6 +357,7 @@ impl KvCache {
             positions: Tensor::from_vec(pos, (b, s), device)?,
             valid: Tensor::from_vec(valid, (b, s), device)?,
             lengths,
+            row_positions: rows.iter().map(|r| r.positions.clone()).collect(),
         }))
     }
 
