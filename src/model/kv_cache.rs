@@ -390,26 +390,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bad_appends_are_errors_and_change_nothing() {
-        let mut cache = KvCache::new(2, 1).unwrap();
-        let k = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    fn bad_appends_are_errors_and_change_nothing() -> Result<()> {
+        let mut cache = KvCache::new(2, 1)?;
+        let k = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu)?;
         let bad = |r: Result<()>| assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
         bad(cache.append(2, 0, &k, &k, &[0, 1, 2]));
         bad(cache.append(0, 1, &k, &k, &[0, 1, 2]));
         bad(cache.append(0, 0, &k, &k, &[0, 1]));
         bad(cache.append(0, 0, &k, &k, &[2, 1, 3]));
-        let v = Tensor::zeros((1, 2, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        let v = Tensor::zeros((1, 2, 2, 4), DType::F32, &Device::Cpu)?;
         bad(cache.append(0, 0, &k, &v, &[0, 1, 2]));
-        let v16 = k.to_dtype(DType::BF16).unwrap();
+        let v16 = k.to_dtype(DType::BF16)?;
         bad(cache.append(0, 0, &k, &v16, &[0, 1, 2]));
-        assert_eq!(cache.len(0, 0).unwrap(), 0);
-        cache.append(0, 0, &k, &k, &[0, 1, 2]).unwrap();
+        assert_eq!(cache.len(0, 0)?, 0);
+        cache.append(0, 0, &k, &k, &[0, 1, 2])?;
         bad(cache.append(0, 0, &k, &k, &[2, 3, 4]));
-        assert_eq!(cache.len(0, 0).unwrap(), 3);
+        assert_eq!(cache.len(0, 0)?, 3);
         // A restore drops what came after the snapshot.
         let snap = cache.snapshot();
-        cache.append(1, 0, &k, &k, &[0, 1, 2]).unwrap();
+        cache.append(1, 0, &k, &k, &[0, 1, 2])?;
         cache.restore(&snap);
-        assert_eq!((cache.len(0, 0).unwrap(), cache.len(1, 0).unwrap()), (3, 0));
+        assert_eq!((cache.len(0, 0)?, cache.len(1, 0)?), (3, 0));
+        Ok(())
     }
 }
