@@ -85,11 +85,11 @@ pub(super) fn sparse_layer(
     };
     if let Some(cache) = cache {
         if let Some(new) = &keys {
-            let positions: Vec<Vec<u32>> = new.positions.to_vec2()?;
+            // Positions come from the host copy: no read-back from the device.
             for (row, &n) in new.lengths.iter().enumerate().filter(|(_, &n)| n > 0) {
                 let k = new.k.i(row..row + 1)?.narrow(2, 0, n)?;
                 let v = new.v.i(row..row + 1)?.narrow(2, 0, n)?;
-                cache.append(j, row, &k, &v, &positions[row][..n])?;
+                cache.append(j, row, &k, &v, &new.row_positions[row])?;
             }
         }
         keys = cache.layer_keys(j, &device, dtype, cfg.num_kv_heads(), cfg.head_dim())?;
