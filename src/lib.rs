@@ -16,7 +16,10 @@
 //! - [`loss`], [`train`]: the LM loss plus the load-reducing objective, AdamW, the data
 //!   mixture, checkpoints and resume;
 //! - [`generate`], [`eval`]: prefill/decode generation, perplexity, compute and KV-cache
-//!   accounting.
+//!   accounting;
+//! - [`calibrate`]: thresholds (or capacity) set to a target compute after training;
+//! - [`text`], [`fsutil`], [`config`], [`error`]: tokenizer helpers, atomic writes, the HF
+//!   `config.json`, the typed errors.
 //!
 //! Evaluate a checkpoint:
 //!
