@@ -19,8 +19,10 @@ fn staging_name(name: &str) -> String {
 /// Writes files into `dir` atomically, file by file: `write` fills a fresh staging folder
 /// inside `dir`; each file is flushed to disk and then renamed over its namesake in `dir`.
 /// Files of `dir` that `write` does not produce (a user's notes, a training state
-/// subfolder) are left alone. On error nothing in `dir` changes, the staging folder is
-/// removed, and a `dir` this call created is removed again. `write` must create plain
+/// subfolder) are left alone. When `write` fails, or a target is a folder, nothing in
+/// `dir` changes, the staging folder is removed, and a `dir` this call created is removed
+/// again. Each file is replaced atomically; a crash between two renames leaves some
+/// files new and the others old (never a half-written file). `write` must create plain
 /// files only.
 ///
 /// Errors: those of `write`, and [`Error::Io`] for the folder operations.
