@@ -11,26 +11,15 @@
 
 mod support;
 
+use support::{ObjectiveArg, TrainArg};
+
 use anyhow::Result;
 use candle_core::{DType, Device};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use modification::mixture_of_depths::{KvPolicy, LayerRule, RoutedLayers};
 use modification::train::Trainer;
-use modification::train::{Corpus, CorpusOptions, Objective, SourceSpec, TrainConfig, Trainable};
+use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig};
 use modification::{Checkpoint, ModConfig};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum TrainArg {
-    Routers,
-    Lora,
-    All,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ObjectiveArg {
-    Lm,
-    Kl,
-}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -85,15 +74,8 @@ fn main() -> Result<()> {
     let train_config = TrainConfig {
         steps: args.reps + 1,
         batch_size: args.batch_size,
-        trainable: match args.train {
-            TrainArg::Routers => Trainable::Routers,
-            TrainArg::Lora => Trainable::Lora,
-            TrainArg::All => Trainable::All,
-        },
-        objective: match args.objective {
-            ObjectiveArg::Lm => Objective::Lm,
-            ObjectiveArg::Kl => Objective::Kl,
-        },
+        trainable: args.train.into(),
+        objective: args.objective.into(),
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&ckpt, mod_config, train_config)?;

@@ -15,6 +15,8 @@
 
 mod support;
 
+use support::{ObjectiveArg, TrainArg};
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
@@ -23,9 +25,7 @@ use modification::calibrate::{calibrate_compute, Calibration};
 use modification::eval::{self, RoutedEval};
 use modification::mixture_of_depths::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
 use modification::model::LoraConfig;
-use modification::train::{
-    Corpus, CorpusOptions, Objective, SourceSpec, TrainConfig, Trainable, Trainer,
-};
+use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainable, Trainer};
 use modification::{Batch, Checkpoint, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,20 +47,6 @@ enum LayersArg {
 enum KvArg {
     Skip,
     Keep,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum TrainArg {
-    Routers,
-    Lora,
-    All,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ObjectiveArg {
-    Lm,
-    Kl,
-    KlLm,
 }
 
 #[derive(Parser, Debug)]
@@ -677,21 +663,13 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
         min_lr_ratio: args.min_lr_ratio,
         grad_accum: args.grad_accum,
         seed: args.seed,
-        trainable: match train {
-            TrainArg::Routers => Trainable::Routers,
-            TrainArg::Lora => Trainable::Lora,
-            TrainArg::All => Trainable::All,
-        },
+        trainable: train.into(),
         lora: LoraConfig {
             rank: args.lora_rank,
             alpha: args.lora_alpha,
         },
         lora_lr: args.lora_lr,
-        objective: match objective {
-            ObjectiveArg::Lm => Objective::Lm,
-            ObjectiveArg::Kl => Objective::Kl,
-            ObjectiveArg::KlLm => Objective::KlLm,
-        },
+        objective: objective.into(),
         target_compute,
         budget_ramp: args.budget_ramp,
         target_kept: args.target_kept,

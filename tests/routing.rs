@@ -8,7 +8,7 @@ mod tiny;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use modification::mixture_of_depths::{GateScaling, KvPolicy, RouterKind};
-use modification::model::attention_mask;
+use modification::model::{attention_mask, RopeAt};
 use modification::routing::selection;
 use modification::{loss, Batch, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
@@ -128,10 +128,8 @@ fn top_k_keeps_largest_logits_not_first_positions() {
     }
 }
 
-/// A 2-layer model with layer 1 routed; returns (model, batch, h0 = output of layer 0).
-fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Tensor) {
-    let base = tiny::llama(2);
-    let batch = Batch::single(&tiny::ids(16, 3), 64, &Device::Cpu).unwrap();
+/// RoPE at the batch's positions and its dense causal mask: the dense layer's inputs.
+fn dense_rope_and_mask(base: &Llama, batch: &Batch) -> (RopeAt, Tensor) {
     let rope = base.rope().at(batch.positions(), DType::F32).unwrap();
     let mask = attention_mask(
         batch.positions(),
@@ -140,6 +138,14 @@ fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Ten
         DType::F32,
     )
     .unwrap();
+    (rope, mask)
+}
+
+/// A 2-layer model with layer 1 routed; returns (model, batch, h0 = output of layer 0).
+fn partially_routed(kv: KvPolicy, scaling: GateScaling) -> (ModModel, Batch, Tensor) {
+    let base = tiny::llama(2);
+    let batch = Batch::single(&tiny::ids(16, 3), 64, &Device::Cpu).unwrap();
+    let (rope, mask) = dense_rope_and_mask(&base, &batch);
     let x = base.embed(batch.ids()).unwrap();
     let h0 = (&x + base.layers()[0].delta(&x, &rope, &mask).unwrap()).unwrap();
     let cfg = ModConfig {
@@ -231,14 +237,7 @@ fn keep_policy_skipped_tokens_still_serve_dense_keys_and_values() {
     // Under Keep a kept token sees every earlier token's K/V, computed from the unchanged
     // hidden state exactly as the dense layer does: its update equals the dense layer's.
     let base = m.base();
-    let rope = base.rope().at(batch.positions(), DType::F32).unwrap();
-    let mask = attention_mask(
-        batch.positions(),
-        batch.positions(),
-        batch.valid(),
-        DType::F32,
-    )
-    .unwrap();
+    let (rope, mask) = dense_rope_and_mask(base, &batch);
     let dense_delta = base.layers()[1].delta(&h0, &rope, &mask).unwrap();
     let rows: Vec<Tensor> = (0..16)
         .map(|i| {

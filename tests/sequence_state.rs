@@ -276,9 +276,10 @@ fn kv_cache_bad_indices_are_errors_not_panics() {
 }
 
 #[test]
-fn a_failed_forward_leaves_the_cache_as_it_was() {
-    // A token id outside the vocabulary fails before any compute; a batch of another
-    // width fails too; either way the cache continues as before.
+fn a_refused_decode_step_leaves_the_cache_as_it_was() {
+    // A token id outside the vocabulary is refused before any compute, and the cache
+    // continues as before. (A failure half-way through the layers restores the cache
+    // from a snapshot: `kv_cache`'s unit test.)
     let model = routed(KvPolicy::Skip, threshold(0.5));
     let tokens = tiny::ids(8, 49);
     let mut cache = cache_after(&model, &tokens);

@@ -4,6 +4,42 @@
 //! Process-wide settings belong to the binaries, not to the library.
 #![allow(dead_code)]
 
+/// `--train`: which parameters a conversion trains.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum TrainArg {
+    Routers,
+    Lora,
+    All,
+}
+
+impl From<TrainArg> for modification::train::Trainable {
+    fn from(arg: TrainArg) -> Self {
+        match arg {
+            TrainArg::Routers => Self::Routers,
+            TrainArg::Lora => Self::Lora,
+            TrainArg::All => Self::All,
+        }
+    }
+}
+
+/// `--objective`: what a conversion trains the model to match.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    Lm,
+    Kl,
+    KlLm,
+}
+
+impl From<ObjectiveArg> for modification::train::Objective {
+    fn from(arg: ObjectiveArg) -> Self {
+        match arg {
+            ObjectiveArg::Lm => Self::Lm,
+            ObjectiveArg::Kl => Self::Kl,
+            ObjectiveArg::KlLm => Self::KlLm,
+        }
+    }
+}
+
 /// Installs a `tracing` subscriber that prints to stderr the events `RUST_LOG` selects
 /// (`RUST_LOG=modification=debug`, ...); nothing when it is unset.
 pub fn init_logging() {

@@ -94,7 +94,8 @@ pub(super) fn sparse_layer(
         }
         keys = cache.layer_keys(j, &device, dtype, cfg.num_kv_heads(), cfg.head_dim())?;
     }
-    let same_tokens = tokens.queries == tokens.writers;
+    let same_tokens =
+        std::ptr::eq(tokens.queries, tokens.writers) || tokens.queries == tokens.writers;
     let queries = match (same_tokens, writers) {
         (true, dw) => dw,
         (false, _) => Dispatch::new(tokens.queries, &device, dtype)?,

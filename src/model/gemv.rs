@@ -18,6 +18,7 @@ pub(crate) fn gemv(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
     // Blocks of outputs per task: big enough to amortise scheduling, small enough to
     // balance two to a few dozen threads.
     const BLOCK: usize = 64;
+    let dot = dot_kernel();
     let mut out_t = vec![0f32; n * m];
     let block_of_outputs = |(block, out): (usize, &mut [f32])| {
         for (i, o) in out.chunks_mut(m).enumerate() {
@@ -42,20 +43,21 @@ pub(crate) fn gemv(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
     y
 }
 
-/// Dot product, with the widest vector instructions this CPU has.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// The dot product with the widest vector instructions this CPU has (chosen once per
+/// matmul, not per dot product).
+fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F, checked just above.
-            return unsafe { dot_avx512(a, b) };
+            return |a, b| unsafe { dot_avx512(a, b) };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { dot_avx2(a, b) };
+            return |a, b| unsafe { dot_avx2(a, b) };
         }
     }
-    dot_lanes(a, b)
+    dot_lanes
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -5,7 +5,6 @@ use super::data::Corpus;
 use super::trainer::Trainer;
 use crate::error::{Error, Result};
 use crate::fsutil::write_dir_atomically;
-use candle_core::DType;
 use std::path::{Path, PathBuf};
 
 const STATE_FILE: &str = "state.safetensors";
@@ -30,7 +29,7 @@ impl Trainer {
             "optimizer_steps": self.opt.steps_taken(),
             "train": self.config,
             "mod": self.model.config(),
-            "inputs": self.inputs(corpus)?,
+            "inputs": self.inputs(corpus),
         });
         write_dir_atomically(dir, |staging| {
             candle_core::safetensors::save(&tensors, staging.join(STATE_FILE))?;
@@ -41,18 +40,13 @@ impl Trainer {
     }
 
     /// What this run trains on, as recorded in its state.
-    fn inputs(&self, corpus: &Corpus) -> Result<serde_json::Value> {
-        let name = "model.embed_tokens.weight";
-        let embed = (self.base.tensors.get(name)).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-        })?;
-        let checksum = embed.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        Ok(serde_json::json!({
+    fn inputs(&self, corpus: &Corpus) -> serde_json::Value {
+        serde_json::json!({
             "model": self.base.config,
             "dtype": format!("{:?}", self.base.dtype()),
-            "embedding_checksum": checksum,
+            "embedding_checksum": self.base_checksum,
             "corpus": corpus.fingerprint(),
-        }))
+        })
     }
 
     /// Restores a state written by [`save_state`](Self::save_state) into this trainer, so
@@ -90,7 +84,7 @@ impl Trainer {
         if meta["mod"] != serde_json::to_value(self.model.config())? {
             return Err(differs("conversion configuration (ModConfig)"));
         }
-        let inputs = self.inputs(corpus)?;
+        let inputs = self.inputs(corpus);
         for (key, what) in [
             ("model", "base model"),
             ("embedding_checksum", "base model (its weights differ)"),

@@ -73,6 +73,8 @@ pub struct Trainer {
     teacher: Option<Llama>,
     pub(super) opt: AdamW,
     pub(super) base: Checkpoint,
+    /// Sum of the base embedding (f64): identifies the base weights in a saved state.
+    pub(super) base_checksum: f64,
     pub(super) config: TrainConfig,
     pub(super) step: usize,
 }
@@ -155,6 +157,7 @@ impl Trainer {
             teacher,
             opt,
             base: base.clone(),
+            base_checksum: embedding_checksum(base)?,
             config,
             step: 0,
         })
@@ -368,6 +371,16 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// The f64 sum of the embedding matrix: cheap to record, and different for other weights
+/// under the same config.
+fn embedding_checksum(base: &Checkpoint) -> Result<f64> {
+    let name = "model.embed_tokens.weight";
+    let embed = (base.tensors.get(name)).ok_or_else(|| Error::MissingTensor {
+        name: name.to_string(),
+    })?;
+    Ok(embed.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
 }
 
 fn poisoned() -> Error {
