@@ -159,7 +159,9 @@ fn as_u64(v: &Value) -> Option<u64> {
 
 fn as_f64(v: &Value) -> Option<f64> {
     match v {
-        Value::F32(x) => Some(*x as f64),
+        // The f32's shortest decimal, as the config.json it was written from says it
+        // (1e-5, not 9.99999974e-6), so both formats give one config.
+        Value::F32(x) => x.to_string().parse().ok(),
         Value::F64(x) => Some(*x),
         other => as_u64(other).map(|x| x as f64),
     }

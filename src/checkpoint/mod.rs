@@ -7,7 +7,8 @@
 //! - an HF folder ([`safetensors`]): `config.json`, `model.safetensors` (or shards listed in
 //!   `model.safetensors.index.json`), `tokenizer.json`;
 //! - a GGUF file ([`gguf`]): every tensor dequantized, q/k rows un-permuted, the tokenizer
-//!   rebuilt from the metadata ([`tokenizer`]).
+//!   rebuilt from the metadata ([`tokenizer`]: byte-level BPE, or SentencePiece BPE for
+//!   LLaMA-1/2 vocabularies, [`sentencepiece`]).
 //!
 //! A hub id (`owner/name`) is fetched with hf-hub ([`hub`]). [`export`] writes any
 //! checkpoint back as an HF folder, atomically.
@@ -17,6 +18,7 @@ pub mod export;
 pub mod gguf;
 pub mod hub;
 pub mod safetensors;
+pub mod sentencepiece;
 pub mod tokenizer;
 
 use crate::config::LlamaConfig;

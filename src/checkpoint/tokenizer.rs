@@ -8,18 +8,38 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{PreTokenizerWrapper, Tokenizer};
 
-/// Builds the byte-level BPE tokenizer that a GGUF file describes: vocabulary, merges and
-/// special tokens from `tokenizer.ggml.*` (through candle's GGUF reader), and the
-/// pre-tokenizer that `tokenizer.ggml.pre` names.
+/// Builds the tokenizer that a GGUF file describes, by its `tokenizer.ggml.model`:
+/// `gpt2` (byte-level BPE: SmolLM2, LLaMA-3, Qwen2, ...) or `llama` (SentencePiece BPE:
+/// LLaMA-1/2, Mistral, ...; see [`super::sentencepiece`]).
+///
+/// Byte-level BPE: vocabulary, merges and special tokens from `tokenizer.ggml.*` (through
+/// candle's GGUF reader), and the pre-tokenizer that `tokenizer.ggml.pre` names.
 ///
 /// Pre-tokenizers: `smollm` (SmolLM / SmolLM2: single digits, then GPT-2 byte-level
 /// splitting without a prefix space, as in their `tokenizer.json`), `gpt2` / `default`
 /// (GPT-2 byte-level), and those candle knows (`qwen2`, `llama3`, `smaug-bpe`, `lfm2`).
 ///
-/// Errors: [`Error::Tokenizer`] for a tokenizer model other than `gpt2` (byte-level BPE;
-/// SentencePiece GGUFs are not supported: load the HF folder instead), an unknown
-/// pre-tokenizer, or malformed vocabulary metadata.
+/// Errors: [`Error::Tokenizer`] for a missing `tokenizer.ggml.model` or one other than
+/// `gpt2` and `llama` (naming it), an unknown pre-tokenizer, or malformed vocabulary
+/// metadata.
 pub fn from_gguf(content: &Content) -> Result<Tokenizer> {
+    match content.metadata.get("tokenizer.ggml.model") {
+        Some(Value::String(model)) if model == "gpt2" => byte_level_bpe(content),
+        Some(Value::String(model)) if model == "llama" => super::sentencepiece::from_gguf(content),
+        Some(Value::String(model)) => Err(Error::Tokenizer(format!(
+            "unsupported GGUF tokenizer model `{model}` (tokenizer.ggml.model): \
+             `gpt2` (byte-level BPE) and `llama` (SentencePiece BPE) are supported"
+        ))),
+        Some(other) => Err(Error::Tokenizer(format!(
+            "GGUF metadata `tokenizer.ggml.model` is not a string: {other:?}"
+        ))),
+        None => Err(Error::Tokenizer(
+            "GGUF metadata lacks `tokenizer.ggml.model`".to_string(),
+        )),
+    }
+}
+
+fn byte_level_bpe(content: &Content) -> Result<Tokenizer> {
     let pre = match content.metadata.get("tokenizer.ggml.pre") {
         Some(Value::String(s)) => s.clone(),
         _ => "default".to_string(),
