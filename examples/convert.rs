@@ -25,7 +25,9 @@ use modification::calibrate::{calibrate_compute, Calibration};
 use modification::eval::{self, RoutedEval};
 use modification::mixture_of_depths::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
 use modification::model::LoraConfig;
-use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainable, Trainer};
+use modification::train::{
+    memory, Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainable, Trainer,
+};
 use modification::{Batch, Checkpoint, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -121,6 +123,9 @@ struct Args {
     /// Also fine-tune the dense model with the same budget and report it.
     #[arg(long)]
     dense_baseline: bool,
+    /// Run even when the estimated peak memory exceeds the available memory.
+    #[arg(long)]
+    ignore_memory_estimate: bool,
     /// Optimisation steps (64 × 4 × 256 tokens fit the 15-minute budget on 2 cores).
     #[arg(long, default_value_t = 64)]
     steps: usize,
@@ -180,6 +185,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     let (dtype, mod_config, train_config) = check_args(&args)?;
+    plan_memory(&args, dtype, &train_config)?;
     let ckpt = Checkpoint::load(&args.model, dtype, &Device::Cpu).context("loading the model")?;
     anyhow::ensure!(
         args.prefill_tokens <= ckpt.config.max_position_embeddings,
@@ -290,6 +296,22 @@ fn check_args(args: &Args) -> Result<(DType, ModConfig, TrainConfig)> {
         state_dir.display()
     );
     Ok((dtype, mod_config, train_config))
+}
+
+/// Prints the estimated peak memory from the model's config alone and refuses a run that
+/// cannot fit (unless `--ignore-memory-estimate`), before anything is loaded.
+fn plan_memory(args: &Args, dtype: DType, train_config: &TrainConfig) -> Result<()> {
+    let config = Checkpoint::read_config(&args.model).context("reading the model's config")?;
+    let estimate = memory::conversion_memory(&config, dtype, train_config, args.seq_len);
+    let available = memory::available_memory();
+    println!(
+        "estimated peak memory: {estimate}; available: {}",
+        available.map_or("unknown".to_string(), |a| format!("{:.1} GB", a / 1e9))
+    );
+    if let (Some(available), false) = (available, args.ignore_memory_estimate) {
+        memory::check_fits(&estimate, available)?;
+    }
+    Ok(())
 }
 
 /// The corpus under `--data`, tokenized by the model's tokenizer.

@@ -80,6 +80,22 @@ pub enum Error {
         max: usize,
     },
 
+    /// A conversion's estimated peak memory exceeds what the machine has available
+    /// ([`crate::train::memory`]).
+    #[error(
+        "the conversion needs an estimated {:.1} GB but {:.1} GB is available: {estimate}; \
+         try --dtype bf16, --train lora or routers, or a smaller --batch-size / --seq-len",
+        .needed / 1e9, .available / 1e9
+    )]
+    InsufficientMemory {
+        /// Estimated peak, bytes.
+        needed: f64,
+        /// Available memory, bytes.
+        available: f64,
+        /// The estimate by part, as text.
+        estimate: String,
+    },
+
     /// An argument is outside its valid range (an empty input, p outside (0, 1), ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

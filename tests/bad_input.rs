@@ -435,7 +435,8 @@ fn tiny_llama_gguf_loads_when_intact() {
     let mut cfg = tiny_config();
     cfg.bos_token_id = None;
     cfg.eos_token_id = None;
-    cfg.rms_norm_eps = 1e-5f32 as f64; // stored as f32 in GGUF
+    // Stored as an f32 in GGUF and read back as its shortest decimal, as config.json has it.
+    cfg.rms_norm_eps = 1e-5;
     assert_eq!(ckpt.config, cfg);
     assert_eq!(ckpt.tensors.len(), cfg.tensor_shapes().len());
     std::fs::remove_dir_all(root).unwrap();

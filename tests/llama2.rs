@@ -253,3 +253,65 @@ fn a_sharded_index_naming_a_missing_shard_is_an_error_naming_the_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// LLaMA-2-7B's `config.json` (meta-llama/Llama-2-7b-hf), values only: no weights.
+fn llama2_7b() -> modification::LlamaConfig {
+    modification::LlamaConfig::from_json_str(
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+            "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2}"#,
+    )
+    .unwrap()
+}
+
+#[test]
+fn memory_plan_of_llama2_7b_matches_the_readme_arithmetic() {
+    use modification::train::memory::{
+        check_fits, conversion_memory, lora_parameter_count, parameter_count,
+    };
+    use modification::train::{Objective, Trainable};
+    let cfg = llama2_7b();
+    // LLaMA-2-7B's published parameter count.
+    assert_eq!(parameter_count(&cfg), 6_738_415_616);
+    // r · (in + out) over q, k, v, o, gate, up, down: 8 · 78 080 per layer, 32 layers.
+    assert_eq!(lora_parameter_count(&cfg, 8), 19_988_480);
+
+    // The README's arithmetic for the default recipe (LoRA r = 8, KL) in bf16:
+    // 13.48 GB weights + 0.08 trained + 0.24 moments and gradients + 0.2 process
+    // + activations 1.45 × 27.97 MB per token at T = 256 (layers 26.30, logits 1.66),
+    // 1.45 × 26.66 MB per token at T = 128.
+    let train = |trainable, batch_size| TrainConfig {
+        trainable,
+        objective: Objective::Kl,
+        batch_size,
+        ..TrainConfig::default()
+    };
+    let readme = [(4, 256, 55.5e9), (1, 256, 24.4e9), (1, 128, 18.9e9)];
+    for (batch, seq_len, want) in readme {
+        let got = conversion_memory(&cfg, DType::BF16, &train(Trainable::Lora, batch), seq_len);
+        let rel = (got.total() - want).abs() / want;
+        assert!(
+            rel < 0.10,
+            "{batch} x {seq_len}: estimate {got} vs README {want:e}"
+        );
+    }
+    // On 24 GB, 4 × 256 and 1 × 256 are refused, 1 × 128 fits; full-parameter needs f32
+    // master copies and moments (16 bytes a parameter on top of two bf16 copies).
+    let available = 24e9;
+    for batch in [4, 1] {
+        let plan = conversion_memory(&cfg, DType::BF16, &train(Trainable::Lora, batch), 256);
+        let err = check_fits(&plan, available).unwrap_err();
+        assert!(
+            matches!(err, Error::InsufficientMemory { needed, available: a, .. }
+                if needed == plan.total() && a == available),
+            "{err:?}"
+        );
+    }
+    let small = conversion_memory(&cfg, DType::BF16, &train(Trainable::Lora, 1), 128);
+    check_fits(&small, available).unwrap();
+    let full = conversion_memory(&cfg, DType::BF16, &train(Trainable::All, 1), 256);
+    assert!(full.total() > 130e9, "{full}");
+    assert!(check_fits(&full, available).is_err());
+}

@@ -68,6 +68,16 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
     Ok(ckpt)
 }
 
+/// Reads only the metadata of a GGUF file and builds its [`LlamaConfig`] (no tensor is
+/// read).
+///
+/// Errors: as [`load`] for the file and the config.
+pub fn read_config(path: &Path) -> Result<LlamaConfig> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| read_error(path, e))?;
+    config_from_metadata(&content, path)
+}
+
 /// Maps a candle GGUF read error to a typed one: an unknown tensor type, or a malformed or
 /// truncated file.
 fn read_error(path: &Path, e: candle_core::Error) -> Error {

@@ -75,7 +75,9 @@ pub fn load(repo: &str, dtype: DType, device: &Device) -> Result<Checkpoint> {
 }
 
 /// One file of `repo`: from the hf-hub cache, else downloaded (unless `HF_HUB_OFFLINE`).
-fn fetch(repo: &str, file: &str) -> Result<PathBuf> {
+///
+/// Errors: [`Error::Hub`] naming the repo and the file.
+pub fn fetch(repo: &str, file: &str) -> Result<PathBuf> {
     let hub_error = |reason: String| Error::Hub {
         repo: repo.to_string(),
         reason: format!("{file}: {reason}"),

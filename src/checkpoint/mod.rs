@@ -78,6 +78,28 @@ impl Checkpoint {
         }
     }
 
+    /// Reads only the config of the model that [`load`](Self::load) would load: a
+    /// folder's `config.json`, a GGUF's metadata, or a hub repo's `config.json` (fetched
+    /// alone). Cheap: no tensor is read, so a run can be planned (e.g. its memory) before
+    /// loading.
+    ///
+    /// Errors: as [`load`](Self::load), for the config part.
+    pub fn read_config(model: &str) -> Result<LlamaConfig> {
+        let path = Path::new(model);
+        if path.is_dir() {
+            LlamaConfig::from_json_file(&path.join("config.json"))
+        } else if path.is_file() {
+            gguf::read_config(path)
+        } else if hub::looks_like_repo_id(model) {
+            LlamaConfig::from_json_file(&hub::fetch(model, "config.json")?)
+        } else {
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ))
+        }
+    }
+
     /// Checks that every tensor the dense model needs is present with the shape the config
     /// implies.
     ///

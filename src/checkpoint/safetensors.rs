@@ -34,12 +34,25 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Checkpoint>
                 std::io::Error::new(std::io::ErrorKind::NotFound, "weight file not found"),
             ));
         }
-        let loaded =
-            candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| Error::Checkpoint {
-                path: path.clone(),
-                reason: e.to_string(),
+        // SAFETY: the file is mapped read-only for the duration of this loop and each
+        // tensor is copied out of it (candle's CPU tensors own their memory); the map is
+        // dropped before returning. A file changed by another process while it is mapped
+        // is outside what any reader can guard against. Mapping instead of reading keeps
+        // the file's bytes out of the heap: peak memory is the converted tensors alone.
+        let mapped =
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.map_err(|e| {
+                Error::Checkpoint {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
             })?;
-        for (name, t) in loaded {
+        for (name, _) in mapped.tensors() {
+            let t = mapped
+                .load(&name, &Device::Cpu)
+                .map_err(|e| Error::Checkpoint {
+                    path: path.clone(),
+                    reason: format!("{name}: {e}"),
+                })?;
             // Router gates stay f32: a gate near p must decide as it did when saved.
             let want = if name.contains(".router.") {
                 candle_core::DType::F32

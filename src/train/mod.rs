@@ -1,8 +1,9 @@
 //! Conversion training: settings, the data mixture, AdamW, the LR schedule, the
-//! [`Trainer`] and its resumable state.
+//! [`Trainer`], its resumable state and its memory estimate.
 
 pub mod config;
 pub mod data;
+pub mod memory;
 pub mod optim;
 pub mod schedule;
 mod state;

@@ -241,7 +241,10 @@ mod tests {
         assert_eq!(state["w.adam_v"].dtype(), DType::F32);
         let master: Vec<f32> = state["w.master"].to_vec1()?;
         for m in master {
-            assert!((m - 0.99).abs() < 1e-5, "master {m}, expected 1 - 100 * 1e-4");
+            assert!(
+                (m - 0.99).abs() < 1e-5,
+                "master {m}, expected 1 - 100 * 1e-4"
+            );
         }
         let w: Vec<f32> = var.as_tensor().to_dtype(DType::F32)?.to_vec1()?;
         // bf16's nearest value to 0.99.
