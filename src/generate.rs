@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::mixture_of_depths::ModModel;
 use crate::model::{Batch, Llama};
-use crate::text::encode;
+use crate::text::encode_prompt;
 use candle_core::{IndexOp, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;
@@ -156,8 +156,9 @@ impl Generation {
     }
 }
 
-/// Generates a continuation of `prompt` (no BOS added), streaming new text to `on_text`
-/// as it is produced.
+/// Generates a continuation of `prompt` (encoded by [`encode_prompt`]: with BOS where the
+/// tokenizer adds one, as LLaMA-2's does), streaming new text to `on_text` as it is
+/// produced.
 ///
 /// Errors: [`Error::InvalidArgument`] for an empty prompt; [`Error::SequenceTooLong`] when
 /// the prompt plus `max_new_tokens` exceed the context; [`Error::Tokenizer`].
@@ -171,9 +172,14 @@ pub fn generate(
     let base = model.base();
     let max = base.config().max_position_embeddings;
     let device = base.device();
-    let prompt_ids = encode(tokenizer, prompt)?;
-    if prompt_ids.is_empty() {
+    if prompt.is_empty() {
         return Err(Error::InvalidArgument("empty prompt".to_string()));
+    }
+    let prompt_ids = encode_prompt(tokenizer, prompt)?;
+    if prompt_ids.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prompt encodes to no tokens".to_string(),
+        ));
     }
     if prompt_ids.len() + cfg.max_new_tokens > max {
         return Err(Error::SequenceTooLong {

@@ -13,6 +13,18 @@ pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(encoding.get_ids().to_vec())
 }
 
+/// Encodes a prompt the way the model was trained to see one: with the special tokens the
+/// tokenizer's post-processor adds (BOS for LLaMA-1/2 and other SentencePiece vocabularies;
+/// nothing for SmolLM2, whose GGUF sets `add_bos_token = false`).
+///
+/// Errors: [`Error::Tokenizer`] if the tokenizer fails.
+pub fn encode_prompt(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let encoding = tokenizer
+        .encode(text, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(encoding.get_ids().to_vec())
+}
+
 /// Decodes ids to text, keeping special tokens out.
 ///
 /// Errors: [`Error::Tokenizer`] if an id is outside the vocabulary.

@@ -227,7 +227,27 @@ fn llama2_shaped_checkpoint_converts_saves_and_reloads() {
     let a = trainer.model().forward(&batch, Mode::Inference).unwrap();
     let b = loaded.forward(&batch, Mode::Inference).unwrap();
     assert_eq!(common::max_diff(&a.logits, &b.logits), 0.0);
+
+    // Generation gives the prompt LLaMA's BOS, as the tokenizer's template says.
+    let sampling = modification::generate::SamplingConfig {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let generation = modification::generate::generate(
+        &loaded,
+        &loaded_tokenizer(&out),
+        "grabbed",
+        &sampling,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(generation.prompt_tokens, 4, "BOS + ▁gra bb ed");
+    assert_eq!(generation.tokens.len(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn loaded_tokenizer(dir: &std::path::Path) -> tokenizers::Tokenizer {
+    tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap()
 }
 
 #[test]
