@@ -11,7 +11,6 @@
 mod support;
 
 use anyhow::Result;
-use candle_core::{DType, Device};
 use clap::Parser;
 use modification::generate::decode_batch;
 use modification::train::{Corpus, CorpusOptions, SourceSpec};
@@ -35,6 +34,8 @@ struct Args {
     /// Repetitions (median reported; one more warms up).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    #[command(flatten)]
+    run: support::DeviceArgs,
 }
 
 /// Tokens the decode measurement is prompted with.
@@ -47,24 +48,31 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Seconds to prefill `prompt` (logits at its last token) and the KV-cache bytes after.
 fn prefill(model: &ModModel, prompt: &[u32], max: usize) -> Result<(f64, usize)> {
-    let batch = Batch::single(prompt, max, &Device::Cpu)?;
+    let device = model.base().device();
+    let batch = Batch::single(prompt, max, device)?;
     let mut cache = model.new_cache(1)?;
+    device.synchronize()?;
     let t = Instant::now();
     model.forward_cached_last(&batch, &mut cache)?;
+    // A GPU queues its work: the time is the device's once it has finished.
+    device.synchronize()?;
     Ok((t.elapsed().as_secs_f64(), cache.bytes()))
 }
 
 /// Tokens per second of `steps` greedy decode steps after prefilling `prompt`.
 fn decode(model: &ModModel, prompt: &[u32], steps: usize, max: usize) -> Result<f64> {
+    let device = model.base().device();
     let mut cache = model.new_cache(1)?;
-    let batch = Batch::single(prompt, max, &Device::Cpu)?;
+    let batch = Batch::single(prompt, max, device)?;
     let mut logits = model.forward_cached_last(&batch, &mut cache)?.logits;
+    device.synchronize()?;
     let t = Instant::now();
     for _ in 0..steps {
         let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        let step = decode_batch(&[next], cache.next_positions(), max, &Device::Cpu)?;
+        let step = decode_batch(&[next], cache.next_positions(), max, device)?;
         logits = model.forward_cached(&step, &mut cache)?.logits;
     }
+    device.synchronize()?;
     Ok(steps as f64 / t.elapsed().as_secs_f64())
 }
 
@@ -78,7 +86,7 @@ fn main() -> Result<()> {
         args.prefill.iter().all(|&n| n >= 1),
         "every --prefill length must be at least 1"
     );
-    let ckpt = Checkpoint::load(&args.model, DType::F32, &Device::Cpu)?;
+    let ckpt = Checkpoint::load(&args.model, args.run.dtype()?, &args.run.device()?)?;
     let max = ckpt.config.max_position_embeddings;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     anyhow::ensure!(

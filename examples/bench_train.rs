@@ -6,15 +6,20 @@
 //! cargo run --release --example bench_train -- --train all --objective lm
 //! cargo run --release --example bench_train -- --train lora --objective kl   # convert's default
 //! ```
-//! Prints tokens/s (median of `--reps` steps after one warm-up step) and the process's
-//! peak resident memory. Run one setting per process: the peak is per process.
+//! Prints tokens/s (median of `--reps` steps after one warm-up step), the process's peak
+//! resident memory and, with `--peak-tflops`, the model FLOPs utilisation (6 · parameters
+//! FLOPs a token for full-parameter training, Kaplan et al. 2020). Run one setting per
+//! process: the peak is per process.
+//!
+//! `--random-weights` takes the config and tokenizer from a folder holding only
+//! `config.json` and `tokenizer.json` and draws the weights: the speed of a model that
+//! cannot travel (`scripts/gpu-check`).
 
 mod support;
 
 use support::{ObjectiveArg, TrainArg};
 
 use anyhow::Result;
-use candle_core::{DType, Device};
 use clap::Parser;
 use modification::mixture_of_depths::{KvPolicy, LayerRule, RoutedLayers};
 use modification::train::Trainer;
@@ -25,6 +30,13 @@ use modification::{Checkpoint, ModConfig};
 struct Args {
     #[arg(long, default_value = "assets/model/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: String,
+    /// Draw the weights instead of loading them (--model: a folder with config.json and
+    /// tokenizer.json).
+    #[arg(long)]
+    random_weights: bool,
+    /// The device's peak dense FLOP/s for --dtype, in TFLOP/s, to report MFU.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     #[arg(long, default_value = "assets/corpus")]
     data: std::path::PathBuf,
     /// What trains.
@@ -42,6 +54,8 @@ struct Args {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    #[command(flatten)]
+    run: support::DeviceArgs,
 }
 
 /// Peak resident memory of this process, bytes (Linux; 0 elsewhere).
@@ -58,7 +72,11 @@ fn main() -> Result<()> {
     support::init_logging();
     let args = Args::parse();
     anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
-    let ckpt = Checkpoint::load(&args.model, DType::F32, &Device::Cpu)?;
+    let (dtype, device) = (args.run.dtype()?, args.run.device()?);
+    let ckpt = match args.random_weights {
+        true => support::random_checkpoint(std::path::Path::new(&args.model), dtype, &device)?,
+        false => Checkpoint::load(&args.model, dtype, &device)?,
+    };
     let specs = SourceSpec::folders_of(&args.data)?;
     let opts = CorpusOptions {
         seq_len: args.seq_len,
@@ -87,8 +105,14 @@ fn main() -> Result<()> {
         }
     }
     rates.sort_by(|a, b| a.total_cmp(b));
+    let rate = rates[rates.len() / 2];
     let name = format!("train {:?} {:?} tok/s", args.train, args.objective).to_lowercase();
-    println!("{name:<30} {:>12.1}", rates[rates.len() / 2]);
+    println!("{name:<30} {:>12.1}", rate);
+    if let Some(peak) = args.peak_tflops {
+        let params = modification::train::memory::parameter_count(&ckpt.config) as f64;
+        let mfu = rate * 6.0 * params / (peak * 1e12);
+        println!("{:<30} {:>12.3}", "MFU (6 x params a token)", mfu);
+    }
     println!(
         "{:<30} {:>12.2}",
         "peak resident GB",

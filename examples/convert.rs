@@ -150,9 +150,8 @@ struct Args {
     /// Micro-batches accumulated per step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Weights dtype: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    run: support::DeviceArgs,
     /// Initial gate bias (gate weights start at zero).
     #[arg(long, default_value_t = 2.0)]
     gate_bias: f64,
@@ -185,8 +184,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     let (dtype, mod_config, train_config) = check_args(&args)?;
-    plan_memory(&args, dtype, &train_config)?;
-    let ckpt = Checkpoint::load(&args.model, dtype, &Device::Cpu).context("loading the model")?;
+    let device = args.run.device()?;
+    plan_memory(&args, dtype, &train_config, &device)?;
+    let ckpt = Checkpoint::load(&args.model, dtype, &device).context("loading the model")?;
     anyhow::ensure!(
         args.prefill_tokens <= ckpt.config.max_position_embeddings,
         "--prefill-tokens {} exceeds the model's context of {}",
@@ -230,7 +230,7 @@ fn main() -> Result<()> {
     //    a user loads it.
     let calibration = calibrate_and_save(&args, &trainer, &corpus)?;
     let out = args.out.to_str().context("--out is not UTF-8")?;
-    let reloaded = ModModel::load(out, dtype, &Device::Cpu)?;
+    let reloaded = ModModel::load(out, dtype, &device)?;
     let converted = evaluate(&reloaded, &corpus, false)?;
     // Top-k is not causal: generation decides with the auxiliary predictor instead.
     let causal = match mod_config.router {
@@ -271,11 +271,7 @@ fn main() -> Result<()> {
 
 /// The dtype and the settings, checked before minutes of loading and evaluation.
 fn check_args(args: &Args) -> Result<(DType, ModConfig, TrainConfig)> {
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => anyhow::bail!("unknown --dtype {other} (f32 or bf16)"),
-    };
+    let dtype = args.run.dtype()?;
     let (mod_config, train_config) = settings(args);
     mod_config.check_fresh_values()?;
     train_config.validate()?;
@@ -300,7 +296,17 @@ fn check_args(args: &Args) -> Result<(DType, ModConfig, TrainConfig)> {
 
 /// Prints the estimated peak memory from the model's config alone and refuses a run that
 /// cannot fit (unless `--ignore-memory-estimate`), before anything is loaded.
-fn plan_memory(args: &Args, dtype: DType, train_config: &TrainConfig) -> Result<()> {
+fn plan_memory(
+    args: &Args,
+    dtype: DType,
+    train_config: &TrainConfig,
+    device: &Device,
+) -> Result<()> {
+    if !device.is_cpu() {
+        // The estimate is of host memory; a GPU run's weights and activations live on the
+        // device, which candle's allocator reports on its own.
+        return Ok(());
+    }
     let config = Checkpoint::read_config(&args.model).context("reading the model's config")?;
     let estimate = memory::conversion_memory(&config, dtype, train_config, args.seq_len);
     let available = memory::available_memory();
@@ -434,7 +440,7 @@ fn evaluate(
 /// Median prefill time of the converted model over the original's on `long`: same binary,
 /// interleaved repetitions, after a warm-up of each.
 fn prefill_time_ratio(dense: &Llama, converted: &ModModel, long: &[u32]) -> Result<f64> {
-    let batch = Batch::single(long, dense.config().max_position_embeddings, &Device::Cpu)?;
+    let batch = Batch::single(long, dense.config().max_position_embeddings, dense.device())?;
     let (mut t_dense, mut t_mod) = (Vec::new(), Vec::new());
     dense.forward(&batch)?; // warm-up: first-touch allocations
     converted.forward_causal(&batch, Mode::Inference)?;

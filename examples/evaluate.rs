@@ -12,7 +12,6 @@
 mod support;
 
 use anyhow::Result;
-use candle_core::{DType, Device};
 use clap::Parser;
 use modification::checkpoint::Checkpoint;
 use modification::text;
@@ -31,9 +30,8 @@ struct Args {
     /// Score the first N tokens of each file.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    /// Weights dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    run: support::DeviceArgs,
     /// Print one JSON object per file instead of a table.
     #[arg(long)]
     json: bool,
@@ -43,13 +41,7 @@ fn main() -> Result<()> {
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => anyhow::bail!("unknown dtype {other} (f32, f16 or bf16)"),
-    };
-    let ckpt = Checkpoint::load(&args.model, dtype, &Device::Cpu)?;
+    let ckpt = Checkpoint::load(&args.model, args.run.dtype()?, &args.run.device()?)?;
     let model = Llama::from_checkpoint(&ckpt)?;
     let routed = if ckpt.extra_config.contains_key("mod") {
         Some(modification::ModModel::from_checkpoint(&ckpt)?)

@@ -11,7 +11,6 @@
 mod support;
 
 use anyhow::Result;
-use candle_core::{DType, Device};
 use clap::Parser;
 use modification::generate::{generate, SamplingConfig};
 use modification::{Checkpoint, Llama, ModModel};
@@ -51,13 +50,16 @@ struct Args {
     /// Print which routed layers every generated token went through.
     #[arg(long)]
     show_routing: bool,
+    #[command(flatten)]
+    run: support::DeviceArgs,
 }
 
 fn main() -> Result<()> {
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();
-    let ckpt = Checkpoint::load(&args.model, DType::F32, &Device::Cpu)?;
+    let dtype = args.run.dtype()?;
+    let ckpt = Checkpoint::load(&args.model, dtype, &args.run.device()?)?;
     let model = if ckpt.extra_config.contains_key("mod") {
         ModModel::from_checkpoint(&ckpt)?
     } else {
@@ -90,7 +92,7 @@ fn main() -> Result<()> {
     // The dense model caches every token that went through the model at every layer.
     let cached_tokens = out.prompt_tokens + out.tokens.len().saturating_sub(1);
     let kv_dim = ckpt.config.num_kv_heads() * ckpt.config.head_dim();
-    let dense_bytes = layers * cached_tokens * 2 * kv_dim * DType::F32.size_in_bytes();
+    let dense_bytes = layers * cached_tokens * 2 * kv_dim * dtype.size_in_bytes();
     println!(
         "KV cache: {} bytes ({:.3} of the dense model's {} bytes); policy {:?}",
         out.kv_bytes(),

@@ -1,8 +1,47 @@
 //! What every example (and bench) binary sets up at start: the allocator tuning that
-//! candle's CPU backend needs, and `tracing` output filtered by `RUST_LOG`.
+//! candle's CPU backend needs, `tracing` output filtered by `RUST_LOG`, and the arguments
+//! they share (`--device`, `--dtype`, `--train`, `--objective`).
 //!
 //! Process-wide settings belong to the binaries, not to the library.
 #![allow(dead_code)]
+
+/// `--device` and `--dtype`: where the model runs and in which float type.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DeviceArgs {
+    /// Device: cpu, cuda (GPU 0) or cuda:N. CUDA needs a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weights dtype: f32, bf16 or f16 (routers, adapters and optimizer state stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl DeviceArgs {
+    /// The candle device `--device` names.
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        use anyhow::Context;
+        let ordinal = match self.device.as_str() {
+            "cpu" => return Ok(candle_core::Device::Cpu),
+            "cuda" => 0,
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .with_context(|| format!("unknown --device {other} (cpu, cuda or cuda:N)"))?,
+        };
+        candle_core::Device::new_cuda(ordinal)
+            .with_context(|| format!("--device {}: no CUDA device", self.device))
+    }
+
+    /// The dtype `--dtype` names.
+    pub fn dtype(&self) -> anyhow::Result<candle_core::DType> {
+        Ok(match self.dtype.as_str() {
+            "f32" => candle_core::DType::F32,
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            other => anyhow::bail!("unknown --dtype {other} (f32, bf16 or f16)"),
+        })
+    }
+}
 
 /// `--train`: which parameters a conversion trains.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -78,4 +117,36 @@ pub fn tune_malloc_for_tensors() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 1 << 30);
     }
+}
+
+/// A checkpoint with the config and tokenizer of `dir` (`config.json`, `tokenizer.json`)
+/// and drawn weights: N(0, 0.02²) projections and embeddings, norms at 1 (the
+/// initialisation of LLaMA-family models), in `dtype` on `device`. For speed measurements
+/// where the real weights cannot be had; its outputs mean nothing.
+pub fn random_checkpoint(
+    dir: &std::path::Path,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> anyhow::Result<modification::Checkpoint> {
+    use anyhow::Context;
+    let config = modification::LlamaConfig::from_json_file(&dir.join("config.json"))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in config.tensor_shapes() {
+        let t = if name.ends_with("norm.weight") {
+            candle_core::Tensor::ones(shape, dtype, device)?
+        } else {
+            candle_core::Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
+        };
+        tensors.insert(name, t);
+    }
+    let ckpt = modification::Checkpoint {
+        config,
+        tensors,
+        tokenizer,
+        extra_config: Default::default(),
+    };
+    ckpt.validate().context("the drawn checkpoint")?;
+    Ok(ckpt)
 }

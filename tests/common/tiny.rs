@@ -53,9 +53,14 @@ pub fn weights(cfg: &LlamaConfig) -> HashMap<String, Tensor> {
 }
 
 pub fn llama(layers: usize) -> Llama {
+    llama_on(layers, &Device::Cpu)
+}
+
+/// The tiny model with its weights on `device`.
+pub fn llama_on(layers: usize, device: &Device) -> Llama {
     let cfg = config(layers);
     Llama::load(
-        VarBuilder::from_tensors(weights(&cfg), DType::F32, &Device::Cpu),
+        VarBuilder::from_tensors(weights(&cfg), DType::F32, device),
         &cfg,
     )
     .unwrap()
@@ -81,11 +86,8 @@ pub fn router_tensors(layers: &[usize], w_scale: f32, bias: f32) -> HashMap<Stri
 pub fn mod_model(llama: Llama, cfg: ModConfig, w_scale: f32, bias: f32) -> ModModel {
     let n = llama.config().num_hidden_layers;
     let layers = cfg.routed_layer_indices(n).unwrap();
-    let vb = VarBuilder::from_tensors(
-        router_tensors(&layers, w_scale, bias),
-        DType::F32,
-        &Device::Cpu,
-    );
+    let device = llama.device().clone();
+    let vb = VarBuilder::from_tensors(router_tensors(&layers, w_scale, bias), DType::F32, &device);
     ModModel::new(llama, cfg, vb).unwrap()
 }
 

@@ -1,0 +1,209 @@
+//! The routed model on a CUDA GPU against the same model on the CPU: forward and backward,
+//! `Skip` and `Keep`, threshold-p and top-k, a padded batch, and the edge cases (no token
+//! kept, every token kept, a single token).
+//!
+//! Compiled always; each test prints why and passes without checking anything where no
+//! CUDA device is present (a build without `--features cuda`, or a machine without a GPU).
+//! `scripts/gpu-check` runs them on a GPU.
+
+mod common;
+#[path = "common/tiny.rs"]
+mod tiny;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use modification::mixture_of_depths::{KvPolicy, RouterKind};
+use modification::{loss, Batch, Llama, ModConfig, ModModel, Mode};
+use std::collections::{BTreeMap, HashMap};
+
+/// GPU 0, or `None` with the reason printed.
+fn cuda() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn router(kind: &str) -> RouterKind {
+    match kind {
+        "threshold" => RouterKind::ThresholdP {
+            p: 0.5,
+            per_layer: BTreeMap::new(),
+        },
+        _ => RouterKind::TopK { capacity: 0.5 },
+    }
+}
+
+/// The tiny 3-layer model on `device` with every weight a `Var` (routers given fixed
+/// weights `w_scale · random` and bias `bias`), so that gradients can be compared.
+fn trainable(cfg: &ModConfig, device: &Device, w_scale: f32, bias: f32) -> (ModModel, VarMap) {
+    let llama_cfg = tiny::config(3);
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().unwrap();
+        for (name, t) in tiny::weights(&llama_cfg) {
+            data.insert(
+                name,
+                Var::from_tensor(&t.to_device(device).unwrap()).unwrap(),
+            );
+        }
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let base = Llama::load(vb.clone(), &llama_cfg).unwrap();
+    let model = ModModel::new(base, cfg.clone(), vb).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let seed = name.len() as u64 + name.as_bytes()[13] as u64;
+        if name.ends_with("router.weight") {
+            let w = Tensor::from_vec(tiny::values(64, seed, w_scale), (1, 64), device).unwrap();
+            var.set(&w).unwrap();
+        } else if name.ends_with("router.bias") {
+            var.set(&Tensor::from_vec(vec![bias], 1, device).unwrap())
+                .unwrap();
+        }
+    }
+    (model, varmap)
+}
+
+/// Largest difference relative to the larger magnitude of the CPU tensor (1 at least).
+fn rel_diff(gpu: &Tensor, cpu: &Tensor) -> f32 {
+    let gpu = gpu.to_device(&Device::Cpu).unwrap();
+    let scale = cpu.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+    common::max_diff(&gpu, cpu) / scale
+}
+
+struct Run {
+    logits: Tensor,
+    kept: Vec<Vec<u8>>,
+    loss: f32,
+    grads: HashMap<String, Tensor>,
+}
+
+/// Training-mode forward and backward of `cfg` on `rows` (padded with 0) on `device`.
+fn run(cfg: &ModConfig, rows: &[Vec<u32>], device: &Device, w_scale: f32, bias: f32) -> Run {
+    let (model, varmap) = trainable(cfg, device, w_scale, bias);
+    let batch = Batch::from_rows(rows, 0, 64, device).unwrap();
+    let out = model.forward(&batch, Mode::Training).unwrap();
+    let total = (loss::lm_loss(&out.logits, batch.ids(), batch.valid()).unwrap()
+        + loss::load_reducing_loss(&out.stats, 0.01)
+            .unwrap()
+            .to_device(device)
+            .unwrap())
+    .unwrap();
+    let store = total.backward().unwrap();
+    let grads = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(name, var)| {
+            let g = store.get(var.as_tensor())?;
+            Some((name.clone(), g.to_device(&Device::Cpu).unwrap()))
+        })
+        .collect();
+    let kept = out
+        .stats
+        .iter()
+        .map(|s| {
+            let mask = s.kept_mask.to_device(&Device::Cpu).unwrap();
+            mask.to_dtype(DType::U8)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    Run {
+        logits: out.logits.to_device(&Device::Cpu).unwrap(),
+        kept,
+        loss: total.to_device(&Device::Cpu).unwrap().to_scalar().unwrap(),
+        grads,
+    }
+}
+
+/// GPU and CPU agree: the same kept tokens (bit-exact), logits and loss within 1e-4, and
+/// every gradient within 1e-4 relative.
+fn assert_same(cfg: &ModConfig, rows: &[Vec<u32>], gpu: &Device, w_scale: f32, bias: f32) {
+    let on_cpu = run(cfg, rows, &Device::Cpu, w_scale, bias);
+    let on_gpu = run(cfg, rows, gpu, w_scale, bias);
+    let what = format!("{:?} {:?}", cfg.kv_policy, cfg.router);
+    assert_eq!(on_gpu.kept, on_cpu.kept, "{what}: kept tokens");
+    let d = rel_diff(&on_gpu.logits, &on_cpu.logits);
+    assert!(d < 1e-4, "{what}: logits differ by {d}");
+    assert!(
+        (on_gpu.loss - on_cpu.loss).abs() <= 1e-4 * on_cpu.loss.abs().max(1.0),
+        "{what}: loss {} vs {}",
+        on_gpu.loss,
+        on_cpu.loss
+    );
+    assert_eq!(on_gpu.grads.len(), on_cpu.grads.len(), "{what}: gradients");
+    for (name, g) in &on_cpu.grads {
+        let d = rel_diff(&on_gpu.grads[name], g);
+        assert!(d < 1e-4, "{what}: gradient of {name} differs by {d}");
+    }
+}
+
+#[test]
+fn routed_forward_and_backward_on_cuda_equal_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let rows = vec![tiny::ids(12, 10), tiny::ids(7, 11)];
+    for kv in [KvPolicy::Skip, KvPolicy::Keep] {
+        for kind in ["threshold", "top-k"] {
+            let cfg = ModConfig {
+                kv_policy: kv,
+                router: router(kind),
+                ..tiny::config_all_layers_no_sink()
+            };
+            assert_same(&cfg, &rows, &gpu, 3.0, 0.0);
+        }
+    }
+}
+
+#[test]
+fn edge_cases_on_cuda_equal_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let cfg = ModConfig {
+        router: router("threshold"),
+        ..tiny::config_all_layers_no_sink()
+    };
+    let rows = vec![tiny::ids(9, 12)];
+    // Gates far below p: no token kept. Far above: every token kept.
+    assert_same(&cfg, &rows, &gpu, 0.0, -20.0);
+    assert_same(&cfg, &rows, &gpu, 0.0, 20.0);
+    // A single token.
+    assert_same(&cfg, &[vec![7]], &gpu, 3.0, 0.0);
+}
+
+#[test]
+fn cached_decode_on_cuda_equals_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let cfg = ModConfig {
+        router: router("threshold"),
+        kv_policy: KvPolicy::Skip,
+        ..tiny::config_all_layers_no_sink()
+    };
+    let ids = tiny::ids(10, 13);
+    let mut last = Vec::new();
+    for device in [Device::Cpu, gpu] {
+        let model = tiny::mod_model(tiny::llama_on(3, &device), cfg.clone(), 3.0, 0.0);
+        let mut cache = model.new_cache(1).unwrap();
+        let prompt = Batch::single(&ids[..6], 64, &device).unwrap();
+        model.forward_cached(&prompt, &mut cache).unwrap();
+        let mut logits = Vec::new();
+        for &id in &ids[6..] {
+            let step =
+                modification::generate::decode_batch(&[id], cache.next_positions(), 64, &device)
+                    .unwrap();
+            let out = model.forward_cached(&step, &mut cache).unwrap();
+            logits.push(out.logits.to_device(&Device::Cpu).unwrap());
+        }
+        last.push((Tensor::cat(&logits, 1).unwrap(), cache.bytes()));
+    }
+    let d = rel_diff(&last[1].0, &last[0].0);
+    assert!(d < 1e-4, "decode logits differ by {d}");
+    assert_eq!(last[1].1, last[0].1, "KV-cache bytes");
+}
