@@ -36,6 +36,9 @@ struct Args {
     reps: usize,
     #[command(flatten)]
     run: support::DeviceArgs,
+    /// Quantized inference: the GGUF's own blocks, or weights quantized to a GGML type.
+    #[arg(long, value_enum)]
+    quantized: Option<support::QuantArg>,
 }
 
 /// Tokens the decode measurement is prompted with.
@@ -96,6 +99,11 @@ fn main() -> Result<()> {
     let mut models = vec![ModModel::dense(Llama::from_checkpoint(&ckpt)?)?];
     if ckpt.extra_config.contains_key("mod") {
         models.push(ModModel::from_checkpoint(&ckpt)?);
+    }
+    if let Some(q) = args.quantized {
+        for m in &mut models {
+            support::quantize(m.base_mut(), q, &args.model)?;
+        }
     }
     let specs = SourceSpec::folders_of(&args.data)?;
     let opts = CorpusOptions {

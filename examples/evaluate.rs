@@ -32,6 +32,9 @@ struct Args {
     max_tokens: usize,
     #[command(flatten)]
     run: support::DeviceArgs,
+    /// Quantized inference: the GGUF's own blocks, or weights quantized to a GGML type.
+    #[arg(long, value_enum)]
+    quantized: Option<support::QuantArg>,
     /// Print one JSON object per file instead of a table.
     #[arg(long)]
     json: bool,
@@ -42,12 +45,18 @@ fn main() -> Result<()> {
     support::init_logging();
     let args = Args::parse();
     let ckpt = Checkpoint::load(&args.model, args.run.dtype()?, &args.run.device()?)?;
-    let model = Llama::from_checkpoint(&ckpt)?;
-    let routed = if ckpt.extra_config.contains_key("mod") {
+    let mut model = Llama::from_checkpoint(&ckpt)?;
+    let mut routed = if ckpt.extra_config.contains_key("mod") {
         Some(modification::ModModel::from_checkpoint(&ckpt)?)
     } else {
         None
     };
+    if let Some(q) = args.quantized {
+        support::quantize(&mut model, q, &args.model)?;
+        if let Some(m) = &mut routed {
+            support::quantize(m.base_mut(), q, &args.model)?;
+        }
+    }
     if !args.json {
         println!(
             "{:<50} {:>8} {:>10} {:>12}",

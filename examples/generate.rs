@@ -52,6 +52,9 @@ struct Args {
     show_routing: bool,
     #[command(flatten)]
     run: support::DeviceArgs,
+    /// Quantized inference: the GGUF's own blocks, or weights quantized to a GGML type.
+    #[arg(long, value_enum)]
+    quantized: Option<support::QuantArg>,
 }
 
 fn main() -> Result<()> {
@@ -60,11 +63,14 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dtype = args.run.dtype()?;
     let ckpt = Checkpoint::load(&args.model, dtype, &args.run.device()?)?;
-    let model = if ckpt.extra_config.contains_key("mod") {
+    let mut model = if ckpt.extra_config.contains_key("mod") {
         ModModel::from_checkpoint(&ckpt)?
     } else {
         ModModel::dense(Llama::from_checkpoint(&ckpt)?)?
     };
+    if let Some(q) = args.quantized {
+        support::quantize(model.base_mut(), q, &args.model)?;
+    }
     let cfg = SamplingConfig {
         temperature: args.temperature,
         top_p: args.top_p,

@@ -16,8 +16,12 @@ use modification::mixture_of_depths::{KvPolicy, RouterKind};
 use modification::{loss, Batch, Llama, ModConfig, ModModel, Mode};
 use std::collections::{BTreeMap, HashMap};
 
-/// GPU 0, or `None` with the reason printed.
+/// GPU 0, or `None` with the reason printed. `MODIFICATION_CUDA_TESTS_ON_CPU=1` puts the
+/// "GPU" side on the CPU too, to check the harness itself on a machine without a GPU.
 fn cuda() -> Option<Device> {
+    if std::env::var("MODIFICATION_CUDA_TESTS_ON_CPU").is_ok_and(|v| v == "1") {
+        return Some(Device::Cpu);
+    }
     match Device::new_cuda(0) {
         Ok(device) => Some(device),
         Err(e) => {

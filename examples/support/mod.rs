@@ -43,6 +43,44 @@ impl DeviceArgs {
     }
 }
 
+/// `--quantized`: run the projections and `lm_head` as GGML blocks.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum QuantArg {
+    /// The GGUF file's own blocks (`--model` must be a GGUF file).
+    Gguf,
+    /// Quantize the weights to Q4_0 (`lm_head` to Q8_0).
+    Q4_0,
+    /// Quantize the weights to Q4_1 (`lm_head` to Q8_0).
+    Q4_1,
+    /// Quantize the weights to Q8_0.
+    Q8_0,
+}
+
+/// Switches `model` to quantized inference as `arg` says; `model_path` is the file a
+/// `gguf` run reads the blocks from.
+pub fn quantize(
+    model: &mut modification::Llama,
+    arg: QuantArg,
+    model_path: &str,
+) -> anyhow::Result<()> {
+    use candle_core::quantized::GgmlDType;
+    let dtype = match arg {
+        QuantArg::Gguf => {
+            let blocks =
+                modification::checkpoint::gguf::load_blocks(std::path::Path::new(model_path))?;
+            anyhow::ensure!(
+                model.use_blocks(&blocks)? > 0,
+                "--quantized gguf: {model_path} holds no quantized matrices"
+            );
+            return Ok(());
+        }
+        QuantArg::Q4_0 => GgmlDType::Q4_0,
+        QuantArg::Q4_1 => GgmlDType::Q4_1,
+        QuantArg::Q8_0 => GgmlDType::Q8_0,
+    };
+    Ok(model.quantize(dtype)?)
+}
+
 /// `--train`: which parameters a conversion trains.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum TrainArg {

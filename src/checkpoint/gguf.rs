@@ -4,7 +4,9 @@
 use super::{to_model_dtype, tokenizer, Checkpoint};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -66,6 +68,76 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
     };
     ckpt.validate()?;
     Ok(ckpt)
+}
+
+/// The quantized matrices of a GGUF file as GGML blocks, by HF name and in HF layout
+/// (`(out, in)`; q/k rows un-permuted block-row by block-row), for quantized inference
+/// with exactly the file's weights ([`crate::Llama::use_blocks`]). Matrices stored as
+/// F32 / F16 / BF16 and 1-D tensors (norms) are left out: they run dense.
+///
+/// Errors: as [`load`] for the file and the config.
+pub fn load_blocks(path: &Path) -> Result<HashMap<String, std::sync::Arc<QTensor>>> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| read_error(path, e))?;
+    let config = config_from_metadata(&content, path)?;
+    let mut blocks = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for gguf_name in names {
+        let info = &content.tensor_infos[gguf_name];
+        let dense = matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        );
+        let Some(hf_name) = hf_name(gguf_name) else {
+            continue;
+        };
+        if dense || info.shape.rank() != 2 {
+            continue;
+        }
+        let q = content
+            .tensor(&mut file, gguf_name, &Device::Cpu)
+            .map_err(|e| read_error(path, e))?;
+        let heads = if hf_name.ends_with("q_proj.weight") {
+            Some(config.num_attention_heads)
+        } else if hf_name.ends_with("k_proj.weight") {
+            Some(config.num_kv_heads())
+        } else {
+            None
+        };
+        let q = match heads {
+            Some(heads) => unpermute_block_rows(&q, heads)?,
+            None => q,
+        };
+        blocks.insert(hf_name, std::sync::Arc::new(q));
+    }
+    Ok(blocks)
+}
+
+/// [`unpermute_rope_rows`] on GGML blocks: each row of a `(out, in)` block matrix is a
+/// whole number of blocks, so rows move as byte ranges.
+fn unpermute_block_rows(q: &QTensor, n_heads: usize) -> Result<QTensor> {
+    let (out, _) = q.shape().dims2()?;
+    let data = q.data()?;
+    let row_bytes = data.len() / out;
+    let head_dim = out / n_heads;
+    let half = head_dim / 2;
+    let mut rows = Vec::with_capacity(data.len());
+    // HF row (h, t, j) is GGUF row (h, j, t).
+    for h in 0..n_heads {
+        for t in 0..2 {
+            for j in 0..half {
+                let g = h * head_dim + j * 2 + t;
+                rows.extend_from_slice(&data[g * row_bytes..(g + 1) * row_bytes]);
+            }
+        }
+    }
+    Ok(qtensor_from_ggml(
+        q.dtype(),
+        &rows,
+        q.shape().dims().to_vec(),
+        &Device::Cpu,
+    )?)
 }
 
 /// Reads only the metadata of a GGUF file and builds its [`LlamaConfig`] (no tensor is

@@ -146,6 +146,13 @@ impl ModModel {
         &self.base
     }
 
+    /// The dense base model, for inference-time changes that keep its shapes: quantized
+    /// inference ([`Llama::quantize`], [`Llama::use_blocks`]). The routers stay f32, so
+    /// tokens are routed as before, up to the quantization's change of the residual stream.
+    pub fn base_mut(&mut self) -> &mut Llama {
+        &mut self.base
+    }
+
     /// The conversion settings.
     pub fn config(&self) -> &ModConfig {
         &self.config

@@ -71,6 +71,26 @@ impl Block {
         Ok(())
     }
 
+    /// Holds every projection as GGML blocks of `dtype` for inference
+    /// ([`Projection::quantize`]).
+    ///
+    /// Errors: as [`Projection::quantize`].
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        for (_, proj) in self.projections_mut() {
+            proj.quantize(dtype)?;
+        }
+        Ok(())
+    }
+
+    /// Every projection by its name within the layer (`self_attn.q_proj`, ...), mutable.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection)> {
+        let attn = self.attn.projections_mut().into_iter();
+        let mlp = self.mlp.projections_mut().into_iter();
+        attn.map(|(n, p)| (format!("self_attn.{n}"), p))
+            .chain(mlp.map(|(n, p)| (format!("mlp.{n}"), p)))
+            .collect()
+    }
+
     /// `norm₁(x)`: the normalised input attention projects from. `(B, T, d)`.
     pub fn normed_input(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.input_norm, self.eps)

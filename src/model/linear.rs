@@ -7,7 +7,8 @@
 
 use crate::error::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
 
 /// `x · wᵀ` over the last dimension: `x` `(..., in)`, `w` `(out, in)` -> `(..., out)`.
 /// Input and weight are flattened to 2-D so the weight is never broadcast per batch row.
@@ -91,13 +92,18 @@ impl CustomOp2 for FrozenMatmul {
 }
 
 /// A bias-free projection: a weight `(out, in)` (frozen or trainable) and, when a
-/// conversion heals its base model, a low-rank [`Adapter`](super::lora::Adapter) beside it.
+/// conversion heals its base model, a low-rank [`Adapter`](super::lora::Adapter) beside it;
+/// for inference, the weight may also be held as quantized blocks ([`quantize`]).
+///
+/// [`quantize`]: Projection::quantize
 #[derive(Debug, Clone)]
 pub struct Projection {
-    /// The weight `(out, in)`.
+    /// The weight `(out, in)` (the dense values, also when quantized blocks are used).
     pub weight: Tensor,
     /// The LoRA adapter, if one is attached.
     pub adapter: Option<super::lora::Adapter>,
+    /// The weight as GGML blocks (Q4_1, Q8_0, ...): forward multiplies by them instead.
+    quantized: Option<QMatMul>,
 }
 
 impl Projection {
@@ -108,11 +114,53 @@ impl Projection {
         Ok(Self {
             weight: vb.get((out, inp), "weight")?,
             adapter: None,
+            quantized: None,
         })
+    }
+
+    /// Holds the weight as GGML blocks of `dtype` (quantized from the dense weight, with
+    /// the adapter merged in) and multiplies by them from now on, as llama.cpp does:
+    /// candle's `QMatMul` quantizes the input rows to 8 bits and takes integer dot
+    /// products, reading a quarter (Q4) or half (Q8) of the f32 weight's bytes. Inference
+    /// only: the product has no gradient. The dense weight is kept (merges, training).
+    ///
+    /// Errors: [`crate::Error::Candle`] when `in` is not a multiple of the type's block
+    /// size (32 for Q4_0 / Q4_1 / Q8_0, 256 for the K-quants).
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        let weight = self.merged_weight()?.to_dtype(candle_core::DType::F32)?;
+        self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(&weight, dtype)?)?);
+        Ok(())
+    }
+
+    /// Multiplies by `blocks` (GGML blocks of this weight, e.g. a GGUF file's own) from now
+    /// on, as [`quantize`](Self::quantize) does with blocks it makes.
+    ///
+    /// Errors: [`crate::Error::ShapeMismatch`] unless `blocks` is `(out, in)` like the
+    /// weight; [`crate::Error::InvalidArgument`] when an adapter is attached (the blocks
+    /// could not hold it).
+    pub fn use_blocks(&mut self, name: &str, blocks: std::sync::Arc<QTensor>) -> Result<()> {
+        if blocks.shape().dims() != self.weight.dims() {
+            return Err(crate::Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: self.weight.dims().to_vec(),
+                found: blocks.shape().dims().to_vec(),
+            });
+        }
+        if self.adapter.is_some() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{name}: a projection with a LoRA adapter cannot take stored blocks"
+            )));
+        }
+        self.quantized = Some(QMatMul::from_arc(blocks)?);
+        Ok(())
     }
 
     /// `x·Wᵀ (+ adapter)`: `x` `(..., in)` -> `(..., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.quantized {
+            // The blocks hold the adapter already.
+            return Ok(q.forward(&x.contiguous()?)?);
+        }
         let y = linear(x, &self.weight)?;
         match &self.adapter {
             None => Ok(y),
