@@ -8,7 +8,8 @@
 //   NODE_PATH=out/peers/node/node_modules node benches/peers/llama_cpp.mjs \
 //     assets/model/SmolLM2-135M-Instruct.Q4_1.gguf [reps] [decode_steps]
 //
-// `--f32`: also write and measure an F32 copy of the GGUF (llama_model_quantize).
+// The F32 row: run it on the F32 copy that benches/peers/gguf_to_f32.py writes
+// (out/peers/SmolLM2-135M-Instruct.F32.gguf).
 import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
