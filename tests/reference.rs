@@ -81,45 +81,67 @@ fn greedy_continuation_matches_transformers() {
     );
 }
 
-/// The issue's target is 0.5%; measured 0.83%. The weights are the same (the f32 model
-/// holds the dequantized blocks): the whole difference is the 8-bit quantization of the
-/// activations that Q4_1 × Q8_1 integer dot products need (llama.cpp's scheme too). The
-/// projections alone cost +0.88%, the Q8_0 output matrix −0.36%.
-#[test]
-fn quantized_q4_1_inference_stays_within_one_percent_of_the_f32_model() {
-    let ckpt = common::smollm2();
-    let dense = Llama::from_checkpoint(ckpt).unwrap();
-    let ids = common::moby_reference_ids();
-    let f32_ppl = eval::perplexity(&dense, &ids).unwrap().perplexity;
+/// Perplexity of `ids` computed the way generation runs: one token at a time through the
+/// KV cache, each step a one-row product (where quantized blocks are used).
+fn decode_perplexity(model: &Llama, ids: &[u32]) -> f64 {
+    use candle_core::{Device, IndexOp};
+    use candle_nn::ops::log_softmax;
+    let model = modification::ModModel::dense(model.clone()).unwrap();
+    let mut cache = model.new_cache(1).unwrap();
+    let first = modification::Batch::single(&ids[..1], 8192, &Device::Cpu).unwrap();
+    let mut logits = model.forward_cached(&first, &mut cache).unwrap().logits;
+    let mut nll = 0.0;
+    for &next in &ids[1..] {
+        let lp = log_softmax(&logits.i((0, 0)).unwrap(), 0).unwrap();
+        nll -= lp.i(next as usize).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let step =
+            generate::decode_batch(&[next], cache.next_positions(), 8192, &Device::Cpu).unwrap();
+        logits = model.forward_cached(&step, &mut cache).unwrap().logits;
+    }
+    (nll / (ids.len() - 1) as f64).exp()
+}
 
-    // The file's own Q4_1 (and Q8_0 output) blocks: what llama.cpp runs.
+/// Quantized decode with the file's own Q4_1 blocks (and its Q8_0 output matrix) against
+/// the f32 model (which holds exactly the dequantized blocks), both decoding the reference
+/// text token by token. The blocks multiply f32 activations directly, so the only
+/// difference is the order of the float sums: far inside the 0.5% the issue asks.
+#[test]
+fn quantized_q4_1_decode_stays_within_half_a_percent_of_the_f32_model() {
+    let dense = Llama::from_checkpoint(common::smollm2()).unwrap();
+    let ids = &common::moby_reference_ids()[..128];
     let blocks = modification::checkpoint::gguf::load_blocks(&common::gguf_path()).unwrap();
     assert_eq!(blocks.len(), 30 * 7 + 1);
     let mut q4 = dense.clone();
     assert_eq!(q4.use_blocks(&blocks).unwrap(), 30 * 7 + 1);
-    let q4_ppl = eval::perplexity(&q4, &ids).unwrap().perplexity;
+    let f32_ppl = decode_perplexity(&dense, ids);
+    let q4_ppl = decode_perplexity(&q4, ids);
     let rel = (q4_ppl - f32_ppl).abs() / f32_ppl;
     assert!(
-        rel < 0.01,
+        rel < 0.005,
         "Q4_1 blocks: perplexity {q4_ppl} vs f32 {f32_ppl} (rel {rel})"
     );
-    assert_ne!(q4_ppl, f32_ppl, "the blocks are not used");
+    // Prefill (many rows) runs on the dense weights: the full forward is the f32 model's.
+    let full = eval::perplexity(&q4, ids).unwrap().perplexity;
+    assert_eq!(full, eval::perplexity(&dense, ids).unwrap().perplexity);
 }
 
 #[test]
 fn quantizing_the_dequantized_weights_reproduces_the_files_blocks() {
     use candle_core::quantized::GgmlDType;
     let dense = Llama::from_checkpoint(common::smollm2()).unwrap();
-    let ids = common::moby_reference_ids();
+    let ids = &common::moby_reference_ids()[..24];
     let blocks = modification::checkpoint::gguf::load_blocks(&common::gguf_path()).unwrap();
     let mut from_file = dense.clone();
     from_file.use_blocks(&blocks).unwrap();
     // Q4_1 projections and a Q8_0 lm_head, as the file stores them: the same blocks, so the
-    // same perplexity to the last bit (q/k rows un-permuted block-row by block-row right).
+    // same decode to the last bit (q/k rows un-permuted block-row by block-row right).
     let mut requantized = dense.clone();
     requantized.quantize(GgmlDType::Q4_1).unwrap();
-    assert_eq!(
-        eval::perplexity(&requantized, &ids).unwrap().perplexity,
-        eval::perplexity(&from_file, &ids).unwrap().perplexity
+    let (a, b) = (
+        decode_perplexity(&requantized, ids),
+        decode_perplexity(&from_file, ids),
     );
+    assert_eq!(a, b);
+    // And the blocks are used: decoding through them differs from the f32 model.
+    assert_ne!(a, decode_perplexity(&dense, ids));
 }

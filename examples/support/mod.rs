@@ -49,10 +49,13 @@ pub enum QuantArg {
     /// The GGUF file's own blocks (`--model` must be a GGUF file).
     Gguf,
     /// Quantize the weights to Q4_0 (`lm_head` to Q8_0).
+    #[value(name = "q4_0")]
     Q4_0,
     /// Quantize the weights to Q4_1 (`lm_head` to Q8_0).
+    #[value(name = "q4_1")]
     Q4_1,
     /// Quantize the weights to Q8_0.
+    #[value(name = "q8_0")]
     Q8_0,
 }
 

@@ -112,10 +112,12 @@ impl Llama {
     /// Final RMSNorm and `lm_head`: `hidden` `(B, T, d)` -> logits `(B, T, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let h = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        match &self.lm_head_quantized {
-            Some(q) => Ok(q.forward(&h.contiguous()?)?),
-            None => super::linear::linear(&h, &self.lm_head),
+        if let Some(q) = &self.lm_head_quantized {
+            if let Some(logits) = super::linear::blocks_product(q, &h)? {
+                return Ok(logits);
+            }
         }
+        super::linear::linear(&h, &self.lm_head)
     }
 
     /// Quantized inference: every projection of every layer is held as GGML blocks of

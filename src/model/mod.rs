@@ -15,6 +15,7 @@ pub mod llama;
 pub mod lora;
 pub mod mlp;
 pub mod ops;
+mod qgemv;
 pub mod rope;
 
 pub use attention::{attention_mask, Attention};
