@@ -162,10 +162,9 @@ impl Projection {
     }
 
     /// Holds the weight as GGML blocks of `dtype` (quantized from the dense weight, with
-    /// the adapter merged in) and multiplies by them from now on, as llama.cpp does:
-    /// candle's `QMatMul` quantizes the input rows to 8 bits and takes integer dot
-    /// products, reading a quarter (Q4) or half (Q8) of the f32 weight's bytes. Inference
-    /// only: the product has no gradient. The dense weight is kept (merges, training).
+    /// the adapter merged in) and multiplies inputs of at most 8 rows (decode steps) by
+    /// them from now on ([`blocks_product`]); larger inputs keep the dense weight.
+    /// Inference only: the product has no gradient. The dense weight is kept.
     ///
     /// Errors: [`crate::Error::Candle`] when `in` is not a multiple of the type's block
     /// size (32 for Q4_0 / Q4_1 / Q8_0, 256 for the K-quants).

@@ -124,14 +124,17 @@ impl Llama {
     /// `dtype` (`Q4_1`, `Q8_0`, ...; quantized from the current weights, LoRA adapters
     /// merged in) and `lm_head` as Q8_0 blocks (llama.cpp's quantizer also keeps the output
     /// matrix at higher precision: SmolLM2's Q4_1 file stores it as Q8_0, and Q4_1 there
-    /// costs 7% perplexity), and they are multiplied by from now on, the way llama.cpp runs
-    /// a GGUF file. The embedding lookup, norms, attention and routers stay in the model's
-    /// dtype. Products through the blocks have no gradient: quantize a model to run it, not
-    /// to train it. The dense weights are kept, so memory does not shrink.
+    /// costs 7% perplexity). Steps of at most 8 rows (decode) multiply by the blocks, as
+    /// llama.cpp runs a GGUF file; more rows (prefill) keep the dense weights, which are
+    /// faster there on a CPU. The embedding lookup, norms, attention and routers stay in
+    /// the model's dtype. Products through the blocks have no gradient: quantize a model to
+    /// run it, not to train it. The dense weights are kept, so memory does not shrink.
     ///
-    /// Errors: [`Error::Candle`] when the hidden or MLP width is not a multiple of the
-    /// type's block size (32 for Q4_0 / Q4_1 / Q8_0; 256 for the K-quants).
+    /// Errors: [`Error::InvalidArgument`] for a model that is not on the CPU (the block
+    /// kernels are CPU kernels); [`Error::Candle`] when the hidden or MLP width is not a
+    /// multiple of the type's block size (32 for Q4_0 / Q4_1 / Q8_0; 256 for K-quants).
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.check_cpu()?;
         for layer in &mut self.layers {
             layer.quantize(dtype)?;
         }
@@ -149,11 +152,13 @@ impl Llama {
     /// blocks.
     ///
     /// Errors: [`Error::ShapeMismatch`] for blocks of another shape than the weight;
-    /// [`Error::InvalidArgument`] for a projection with a LoRA adapter.
+    /// [`Error::InvalidArgument`] for a projection with a LoRA adapter, or a model that is
+    /// not on the CPU.
     pub fn use_blocks(
         &mut self,
         blocks: &std::collections::HashMap<String, std::sync::Arc<QTensor>>,
     ) -> Result<usize> {
+        self.check_cpu()?;
         let mut used = 0;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (name, proj) in layer.projections_mut() {
@@ -180,6 +185,15 @@ impl Llama {
             used += 1;
         }
         Ok(used)
+    }
+
+    fn check_cpu(&self) -> Result<()> {
+        if self.device.is_cpu() {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(
+            "quantized inference runs on the CPU; load the model there".to_string(),
+        ))
     }
 
     /// Checks that a batch fits the model's context and vocabulary (one scalar read-back).
