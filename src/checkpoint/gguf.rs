@@ -43,13 +43,7 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
             .tensor(&mut file, gguf_name, &Device::Cpu)
             .map_err(|e| read_error(path, e))?;
         let mut w = q.dequantize(&Device::Cpu)?;
-        let rope_heads = if hf_name.ends_with("q_proj.weight") {
-            Some(config.num_attention_heads)
-        } else if hf_name.ends_with("k_proj.weight") {
-            Some(config.num_kv_heads())
-        } else {
-            None
-        };
+        let rope_heads = rope_heads(&hf_name, &config);
         // A q/k matrix whose rows do not split into the heads' RoPE pairs cannot be
         // un-permuted; it is kept as stored and `validate` reports its shape.
         if let Some(heads) = rope_heads {
@@ -98,20 +92,25 @@ pub fn load_blocks(path: &Path) -> Result<HashMap<String, std::sync::Arc<QTensor
         let q = content
             .tensor(&mut file, gguf_name, &Device::Cpu)
             .map_err(|e| read_error(path, e))?;
-        let heads = if hf_name.ends_with("q_proj.weight") {
-            Some(config.num_attention_heads)
-        } else if hf_name.ends_with("k_proj.weight") {
-            Some(config.num_kv_heads())
-        } else {
-            None
-        };
-        let q = match heads {
+        let q = match rope_heads(&hf_name, &config) {
             Some(heads) => unpermute_block_rows(&q, heads)?,
             None => q,
         };
         blocks.insert(hf_name, std::sync::Arc::new(q));
     }
     Ok(blocks)
+}
+
+/// The heads whose rows llama.cpp permuted in the tensor named `hf_name` (q and k
+/// projections), or `None`.
+fn rope_heads(hf_name: &str, config: &LlamaConfig) -> Option<usize> {
+    if hf_name.ends_with("q_proj.weight") {
+        Some(config.num_attention_heads)
+    } else if hf_name.ends_with("k_proj.weight") {
+        Some(config.num_kv_heads())
+    } else {
+        None
+    }
 }
 
 /// [`unpermute_rope_rows`] on GGML blocks: each row of a `(out, in)` block matrix is a
@@ -225,7 +224,8 @@ fn meta_usize(content: &Content, key: &str, path: &Path) -> Result<usize> {
     })
 }
 
-fn as_u64(v: &Value) -> Option<u64> {
+/// A GGUF integer of any width and sign, when it is a non-negative integer.
+pub(crate) fn as_u64(v: &Value) -> Option<u64> {
     match v {
         Value::U8(x) => Some(*x as u64),
         Value::U16(x) => Some(*x as u64),

@@ -255,15 +255,5 @@ fn numbers(content: &Content, key: &str, len: usize) -> Result<Vec<f64>> {
 }
 
 fn integer(v: &Value) -> Option<u32> {
-    match v {
-        Value::U8(x) => Some(*x as u32),
-        Value::U16(x) => Some(*x as u32),
-        Value::U32(x) => Some(*x),
-        Value::U64(x) => u32::try_from(*x).ok(),
-        Value::I8(x) => u32::try_from(*x).ok(),
-        Value::I16(x) => u32::try_from(*x).ok(),
-        Value::I32(x) => u32::try_from(*x).ok(),
-        Value::I64(x) => u32::try_from(*x).ok(),
-        _ => None,
-    }
+    super::gguf::as_u64(v).and_then(|x| u32::try_from(x).ok())
 }

@@ -30,10 +30,15 @@ pub(crate) fn gemv(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
     };
     // Even a small weight is read faster by every core than by one.
     (out_t.par_chunks_mut(BLOCK * m).enumerate()).for_each(block_of_outputs);
+    outputs_by_row(out_t, m, n)
+}
+
+/// The outputs of a row-split product, computed `(n, m)` (each weight row's outputs for
+/// every row of `x` together), as `(m, n)` row-major.
+pub(crate) fn outputs_by_row(out_t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return out_t;
     }
-    // `out_t` is `(n, m)`; transpose to `(m, n)`.
     let mut y = vec![0f32; m * n];
     for (j, col) in out_t.chunks(m).enumerate() {
         for (r, &v) in col.iter().enumerate() {

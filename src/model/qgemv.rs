@@ -83,16 +83,7 @@ pub(crate) fn gemv_blocks(
             .enumerate()
             .for_each(task);
     }
-    if m == 1 {
-        return out_t;
-    }
-    let mut y = vec![0f32; m * n];
-    for (j, col) in out_t.chunks(m).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            y[r * n + j] = v;
-        }
-    }
-    y
+    super::gemv::outputs_by_row(out_t, m, n)
 }
 
 type RowDot = fn(&[u8], &[f32], &[f32]) -> f32;
