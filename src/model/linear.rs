@@ -163,7 +163,8 @@ impl Projection {
 
     /// Holds the weight as GGML blocks of `dtype` (quantized from the dense weight, with
     /// the adapter merged in) and multiplies inputs of at most 8 rows (decode steps) by
-    /// them from now on ([`blocks_product`]); larger inputs keep the dense weight.
+    /// them from now on (the crate's Q4_1 / Q8_0 kernels, or candle's `QMatMul`); larger
+    /// inputs keep the dense weight.
     /// Inference only: the product has no gradient. The dense weight is kept.
     ///
     /// Errors: [`crate::Error::Candle`] when `in` is not a multiple of the type's block
