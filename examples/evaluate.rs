@@ -7,7 +7,9 @@
 //! Each file is tokenized without BOS; its first `--max-tokens` tokens are scored (mean
 //! NLL over the N - 1 predicted tokens). `--model` is a GGUF file, an HF folder or a hub id.
 //! A converted (Mixture-of-Depths) folder is evaluated with its routers, deciding per
-//! token as generation does, and also reports its skip and compute fractions.
+//! token as generation does, and also reports its skip and compute fractions;
+//! `--routing-map FILE` writes which tokens each routed layer kept for the first text's
+//! first `--routing-map-tokens` tokens (an HTML heat map for `.html`, else a text table).
 
 mod support;
 
@@ -38,6 +40,13 @@ struct Args {
     /// Print one JSON object per file instead of a table.
     #[arg(long)]
     json: bool,
+    /// Write the routing map of the first text (converted models): HTML for a `.html`
+    /// path, a text table otherwise.
+    #[arg(long)]
+    routing_map: Option<PathBuf>,
+    /// Tokens of the first text the routing map shows.
+    #[arg(long, default_value_t = 48)]
+    routing_map_tokens: usize,
 }
 
 fn main() -> Result<()> {
@@ -98,5 +107,46 @@ fn main() -> Result<()> {
             );
         }
     }
+    if let Some(out) = &args.routing_map {
+        let m = routed
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("--routing-map needs a converted model"))?;
+        let first = args
+            .text
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no --text"))?;
+        let text = std::fs::read_to_string(first)?;
+        write_routing_map(m, &ckpt.tokenizer, &text, args.routing_map_tokens, out)?;
+    }
+    Ok(())
+}
+
+/// The routing map of the first `n` tokens of `text`, written atomically to `out`.
+fn write_routing_map(
+    model: &modification::ModModel,
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+    n: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    let mut ids = text::encode(tokenizer, text)?;
+    ids.truncate(n);
+    anyhow::ensure!(!ids.is_empty(), "the text has no tokens");
+    let batch = modification::Batch::single(&ids, ids.len(), model.base().device())?;
+    let output = model.forward(&batch, modification::Mode::Inference)?;
+    let tokens = (ids.iter())
+        .map(|&id| text::decode(tokenizer, &[id]))
+        .collect::<modification::Result<Vec<_>>>()?;
+    let map = modification::routing::RoutingMap::from_stats(&output.stats, 0, tokens)?;
+    let html = out.extension().is_some_and(|e| e == "html");
+    let body = if html { map.to_html() } else { map.to_text() };
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, out)?;
+    println!(
+        "routing map of {} tokens written to {}",
+        ids.len(),
+        out.display()
+    );
     Ok(())
 }

@@ -541,3 +541,49 @@ fn gate_gradient_stays_finite_for_saturated_logits() {
     assert!(dg.iter().all(|d| d.is_finite()), "{dg:?}");
     assert_eq!(dg[2], 0.25);
 }
+
+#[test]
+fn routing_map_marks_exactly_the_kept_cells() {
+    use modification::routing::RoutingMap;
+    // Gate weights 0 and bias -20: every gate is sigmoid(-20) < p, so only the sink (the
+    // first token) is kept, at every routed layer.
+    let cfg = ModConfig {
+        router: threshold(0.5),
+        sink_tokens: 1,
+        ..tiny::config_all_layers()
+    };
+    let m = tiny::mod_model(tiny::llama(3), cfg, 0.0, -20.0);
+    let ids = tiny::ids(6, 21);
+    let batch = Batch::single(&ids, 64, &Device::Cpu).unwrap();
+    let out = m.forward(&batch, Mode::Inference).unwrap();
+    let tokens: Vec<String> = ["a", "b c", "<d>", "e", "\n", "f"]
+        .map(String::from)
+        .to_vec();
+    let map = RoutingMap::from_stats(&out.stats, 0, tokens).unwrap();
+    assert_eq!(map.layers, vec![0, 1, 2]);
+    for layer in &map.kept {
+        assert_eq!(layer, &vec![true, false, false, false, false, false]);
+    }
+    assert_eq!(map.layers_used(), vec![3, 0, 0, 0, 0, 0]);
+    let text = map.to_text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[1], "### |  3/3 | a");
+    assert_eq!(lines[2], "... |  0/3 | b␣c");
+    assert_eq!(lines[5], "... |  0/3 | ⏎");
+    let html = map.to_html();
+    assert_eq!(html.matches("class=\"kept\"").count(), 3);
+    assert_eq!(html.matches("class=\"skipped\"").count(), 15);
+    assert!(html.contains("&lt;d&gt;"), "token text is escaped");
+
+    // Gates far above p: every cell kept. A map longer than the row is refused.
+    let m = tiny::mod_model(tiny::llama(3), tiny::config_all_layers(), 0.0, 20.0);
+    let out = m.forward(&batch, Mode::Inference).unwrap();
+    let tokens: Vec<String> = (0..6).map(|i| i.to_string()).collect();
+    let map = RoutingMap::from_stats(&out.stats, 0, tokens).unwrap();
+    assert_eq!(map.layers_used(), vec![3; 6]);
+    let seven: Vec<String> = (0..7).map(|i| i.to_string()).collect();
+    assert!(matches!(
+        RoutingMap::from_stats(&out.stats, 0, seven),
+        Err(modification::Error::InvalidArgument(_))
+    ));
+}
