@@ -7,7 +7,8 @@
 //! Each file is tokenized without BOS; its first `--max-tokens` tokens are scored (mean
 //! NLL over the N - 1 predicted tokens). `--model` is a GGUF file, an HF folder or a hub id.
 //! A converted (Mixture-of-Depths) folder is evaluated with its routers, deciding per
-//! token as generation does, and also reports its skip and compute fractions;
+//! token as generation does, and also reports its skip, compute and KV-cache fractions
+//! (long contexts too: attention runs in query chunks, so memory grows with T, not T²);
 //! `--routing-map FILE` writes which tokens each routed layer kept for the first text's
 //! first `--routing-map-tokens` tokens (an HTML heat map for `.html`, else a text table).
 
@@ -81,11 +82,15 @@ fn main() -> Result<()> {
             None => (eval::perplexity(&model, &ids)?, None),
             Some(m) => {
                 let r = eval::routed_rows_eval(m, std::slice::from_ref(&ids), true)?;
-                (r.perplexity, Some((r.skip_fraction(), r.compute_fraction)))
+                let fractions = (r.skip_fraction(), r.compute_fraction, r.kv_fraction);
+                (r.perplexity, Some(fractions))
             }
         };
-        if let (Some((skip, compute)), false) = (fractions, args.json) {
-            println!("routed: skip fraction {skip:.3}, compute {compute:.3} of dense");
+        if let (Some((skip, compute, kv)), false) = (fractions, args.json) {
+            println!(
+                "routed: skip fraction {skip:.3}, compute {compute:.3} of dense, \
+                 KV cache {kv:.3} of dense"
+            );
         }
         if args.json {
             let obj = serde_json::json!({
@@ -95,6 +100,7 @@ fn main() -> Result<()> {
                 "tokens": ppl.tokens,
                 "skip_fraction": fractions.map(|f| f.0),
                 "compute_fraction": fractions.map(|f| f.1),
+                "kv_fraction": fractions.map(|f| f.2),
             });
             println!("{obj}");
         } else {
