@@ -318,7 +318,7 @@ fn memory_plan_of_llama2_7b_matches_the_readme_arithmetic() {
         );
     }
     // On 24 GB, 4 × 256 and 1 × 256 are refused, 1 × 128 fits; full-parameter needs f32
-    // master copies and moments (16 bytes a parameter on top of two bf16 copies).
+    // master copies, moments and gradients (18 bytes a parameter more than LoRA).
     let available = 24e9;
     for batch in [4, 1] {
         let plan = conversion_memory(&cfg, DType::BF16, &train(Trainable::Lora, batch), 256);
