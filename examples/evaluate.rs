@@ -146,9 +146,17 @@ fn write_routing_map(
     let map = modification::routing::RoutingMap::from_stats(&output.stats, 0, tokens)?;
     let html = out.extension().is_some_and(|e| e == "html");
     let body = if html { map.to_html() } else { map.to_text() };
-    let tmp = out.with_extension("tmp");
-    std::fs::write(&tmp, body)?;
-    std::fs::rename(&tmp, out)?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("--routing-map {} names no file", out.display()))?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    modification::fsutil::write_files_atomically(dir, |staging| {
+        let path = staging.join(name);
+        std::fs::write(&path, &body).map_err(|source| modification::Error::Io { path, source })
+    })?;
     println!(
         "routing map of {} tokens written to {}",
         ids.len(),

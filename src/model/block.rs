@@ -62,11 +62,8 @@ impl Block {
     ///
     /// Errors: [`crate::Error::Candle`] when a stored adapter tensor is misshapen.
     pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &LoraConfig) -> Result<()> {
-        for (name, proj) in self.attn.projections_mut() {
-            proj.attach_lora(vb.pp("self_attn").pp(name), cfg)?;
-        }
-        for (name, proj) in self.mlp.projections_mut() {
-            proj.attach_lora(vb.pp("mlp").pp(name), cfg)?;
+        for (name, proj) in self.projections_mut() {
+            proj.attach_lora(vb.pp(name), cfg)?;
         }
         Ok(())
     }

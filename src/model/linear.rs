@@ -134,6 +134,20 @@ pub(crate) fn blocks_product(q: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> 
     Ok(Some(q.forward(&x)?))
 }
 
+/// Checks that `blocks` hold a matrix of `weight`'s shape `(out, in)`.
+///
+/// Errors: [`crate::Error::ShapeMismatch`] naming `name` and both shapes.
+pub(crate) fn check_block_shape(name: &str, blocks: &QTensor, weight: &Tensor) -> Result<()> {
+    if blocks.shape().dims() == weight.dims() {
+        return Ok(());
+    }
+    Err(crate::Error::ShapeMismatch {
+        name: name.to_string(),
+        expected: weight.dims().to_vec(),
+        found: blocks.shape().dims().to_vec(),
+    })
+}
+
 /// A bias-free projection: a weight `(out, in)` (frozen or trainable) and, when a
 /// conversion heals its base model, a low-rank [`Adapter`](super::lora::Adapter) beside it;
 /// for inference, the weight may also be held as quantized blocks ([`quantize`]).
@@ -182,13 +196,7 @@ impl Projection {
     /// weight; [`crate::Error::InvalidArgument`] when an adapter is attached (the blocks
     /// could not hold it).
     pub fn use_blocks(&mut self, name: &str, blocks: std::sync::Arc<QTensor>) -> Result<()> {
-        if blocks.shape().dims() != self.weight.dims() {
-            return Err(crate::Error::ShapeMismatch {
-                name: name.to_string(),
-                expected: self.weight.dims().to_vec(),
-                found: blocks.shape().dims().to_vec(),
-            });
-        }
+        check_block_shape(name, &blocks, &self.weight)?;
         if self.adapter.is_some() {
             return Err(crate::Error::InvalidArgument(format!(
                 "{name}: a projection with a LoRA adapter cannot take stored blocks"

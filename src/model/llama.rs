@@ -174,13 +174,7 @@ impl Llama {
             false => "lm_head.weight",
         };
         if let Some(b) = blocks.get(head_name) {
-            if b.shape().dims() != self.lm_head.dims() {
-                return Err(Error::ShapeMismatch {
-                    name: head_name.to_string(),
-                    expected: self.lm_head.dims().to_vec(),
-                    found: b.shape().dims().to_vec(),
-                });
-            }
+            super::linear::check_block_shape(head_name, b, &self.lm_head)?;
             self.lm_head_quantized = Some(QMatMul::from_arc(b.clone())?);
             used += 1;
         }
