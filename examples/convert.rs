@@ -21,14 +21,13 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use modification::calibrate::{calibrate_compute, Calibration};
-use modification::eval::{self, RoutedEval};
+use modification::conversion::{self, ConversionReport, EvalOptions};
 use modification::mixture_of_depths::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
 use modification::model::LoraConfig;
 use modification::train::{
     memory, Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainable, Trainer,
 };
-use modification::{Batch, Checkpoint, Llama, ModConfig, ModModel, Mode};
+use modification::{Checkpoint, Llama, ModConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -213,60 +212,51 @@ fn main() -> Result<()> {
 
     // 1. The original model on every source's held-out rows.
     let dense = Llama::from_checkpoint(&ckpt)?;
-    let mut original = BTreeMap::new();
-    for s in &corpus.sources {
-        original.insert(
-            s.name.clone(),
-            eval::dense_rows_perplexity(&dense, &s.heldout)?.perplexity,
-        );
-    }
+    let original = conversion::original_perplexity(&dense, &corpus)?;
 
     // 2. Convert.
     let train_start = Instant::now();
     train(&args, &mut trainer, &corpus, &state_dir)?;
     let train_seconds = train_start.elapsed().as_secs_f64();
 
-    // 3. Calibrate the operating point on training rows; save; evaluate the saved model as
-    //    a user loads it.
-    let calibration = calibrate_and_save(&args, &trainer, &corpus)?;
-    let out = args.out.to_str().context("--out is not UTF-8")?;
-    let reloaded = ModModel::load(out, dtype, &device)?;
-    let converted = evaluate(&reloaded, &corpus, false)?;
-    // Top-k is not causal: generation decides with the auxiliary predictor instead.
-    let causal = match mod_config.router {
-        RouterKind::TopK { .. } => evaluate(&reloaded, &corpus, true)?,
-        RouterKind::ThresholdP { .. } => BTreeMap::new(),
+    // 3. Calibrate the operating point on training rows, save, evaluate the saved model as
+    //    a user loads it, time its prefill.
+    let options = EvalOptions {
+        calibration_rows: args.calibration_rows,
+        prefill_tokens: args.prefill_tokens,
     };
+    let report = conversion::finish_conversion(
+        &trainer,
+        &corpus,
+        &dense,
+        &original,
+        &options,
+        Some(&args.out),
+        train_seconds,
+    )?;
 
-    // 4. Prefill time and KV cache on one long input.
-    let long: Vec<u32> = corpus
-        .sources
-        .iter()
-        .flat_map(|s| s.heldout.concat())
-        .take(args.prefill_tokens)
-        .collect();
-    let prefill_ratio = prefill_time_ratio(&dense, &reloaded, &long)?;
-    let long_eval = eval::routed_rows_eval(&reloaded, std::slice::from_ref(&long), true)?;
-
-    // 5. Optional dense baseline with the same budget.
+    // 4. Optional dense baseline with the same budget.
     let dense_baseline = match args.dense_baseline {
         true => Some(dense_baseline(&ckpt, &corpus, &mod_config, &train_config)?),
         false => None,
     };
-
-    // 6. Report.
-    let results = Results {
-        original,
-        converted,
-        causal,
-        dense_baseline,
-        calibration,
-        prefill_ratio,
-        prefill_tokens: long.len(),
-        long_eval,
-        train_seconds,
-    };
-    report(&args, &mod_config, &train_config, &results, started)
+    print_report(
+        &args,
+        &train_config,
+        &report,
+        dense_baseline.as_ref(),
+        started,
+    );
+    if args.json {
+        write_json(
+            &args,
+            &mod_config,
+            &train_config,
+            &report,
+            dense_baseline.as_ref(),
+        )?;
+    }
+    Ok(())
 }
 
 /// The dtype and the settings, checked before minutes of loading and evaluation.
@@ -394,72 +384,6 @@ fn train(args: &Args, trainer: &mut Trainer, corpus: &Corpus, state_dir: &Path) 
     Ok(())
 }
 
-/// With `--target-compute`, finds the thresholds (or capacity) that reach it on training
-/// rows; saves the converted model to `--out` either way.
-fn calibrate_and_save(
-    args: &Args,
-    trainer: &Trainer,
-    corpus: &Corpus,
-) -> Result<Option<Calibration>> {
-    let mut saved_config = trainer.model().config().clone();
-    let mut calibration = None;
-    if let Some(target) = trainer.config().target_compute {
-        let rows = corpus.calibration_rows(args.calibration_rows);
-        let (calibrated, c) = calibrate_compute(trainer.model(), &rows, target)?;
-        println!(
-            "calibrated on {} training rows: compute {:.3} (target {target}, reachable {:.3}..{:.3}, setting {:+.3})",
-            rows.len(),
-            c.compute_fraction,
-            c.reachable.0,
-            c.reachable.1,
-            c.setting
-        );
-        saved_config = calibrated.config().clone();
-        calibration = Some(c);
-    }
-    trainer.save_converted(&args.out, &saved_config)?;
-    Ok(calibration)
-}
-
-/// Every source's held-out rows through the converted model, by source name.
-fn evaluate(
-    model: &ModModel,
-    corpus: &Corpus,
-    causal: bool,
-) -> Result<BTreeMap<String, RoutedEval>> {
-    let mut out = BTreeMap::new();
-    for s in &corpus.sources {
-        out.insert(
-            s.name.clone(),
-            eval::routed_rows_eval(model, &s.heldout, causal)?,
-        );
-    }
-    Ok(out)
-}
-
-/// Median prefill time of the converted model over the original's on `long`: same binary,
-/// interleaved repetitions, after a warm-up of each.
-fn prefill_time_ratio(dense: &Llama, converted: &ModModel, long: &[u32]) -> Result<f64> {
-    let batch = Batch::single(long, dense.config().max_position_embeddings, dense.device())?;
-    let (mut t_dense, mut t_mod) = (Vec::new(), Vec::new());
-    dense.forward(&batch)?; // warm-up: first-touch allocations
-    converted.forward_causal(&batch, Mode::Inference)?;
-    for rep in 0..5 {
-        // Alternate which model runs first so that neither always gets the warmer caches.
-        for first in [rep % 2 == 0, rep % 2 != 0] {
-            let t = Instant::now();
-            if first {
-                dense.forward(&batch)?;
-                t_dense.push(t.elapsed().as_secs_f64());
-            } else {
-                converted.forward_causal(&batch, Mode::Inference)?;
-                t_mod.push(t.elapsed().as_secs_f64());
-            }
-        }
-    }
-    Ok(median(&mut t_mod) / median(&mut t_dense))
-}
-
 /// The dense model fine-tuned on the same tokens (every parameter, no router): what
 /// `--train all` must be compared with, since it also adapts the model to the corpus.
 fn dense_baseline(
@@ -478,105 +402,60 @@ fn dense_baseline(
     };
     let mut t = Trainer::new(ckpt, cfg, tcfg)?;
     t.run(corpus, None, 0, |_| {})?;
-    Ok(evaluate(t.model(), corpus, false)?
+    Ok(conversion::evaluate_sources(t.model(), corpus, false)?
         .into_iter()
         .map(|(name, e)| (name, e.perplexity.perplexity))
         .collect())
 }
 
-/// What a conversion measured.
-struct Results {
-    original: BTreeMap<String, f64>,
-    converted: BTreeMap<String, RoutedEval>,
-    causal: BTreeMap<String, RoutedEval>,
-    dense_baseline: Option<BTreeMap<String, f64>>,
-    calibration: Option<Calibration>,
-    prefill_ratio: f64,
-    prefill_tokens: usize,
-    long_eval: RoutedEval,
-    train_seconds: f64,
-}
-
-/// Prints the table and the summary; with `--json`, writes `report.json` into `--out`.
-fn report(
+/// Prints the per-source table and the summary.
+fn print_report(
     args: &Args,
-    mod_config: &ModConfig,
     train_config: &TrainConfig,
-    r: &Results,
+    r: &ConversionReport,
+    dense_baseline: Option<&BTreeMap<String, f64>>,
     started: Instant,
-) -> Result<()> {
-    let (original, converted, causal) = (&r.original, &r.converted, &r.causal);
-    let dense_baseline = &r.dense_baseline;
-    let collapse_floor = collapse_floor(args);
+) {
+    if let Some(c) = &r.calibration {
+        println!(
+            "calibrated on training rows: compute {:.3} (target {}, reachable {:.3}..{:.3}, setting {:+.3})",
+            c.compute_fraction, c.target, c.reachable.0, c.reachable.1, c.setting
+        );
+    }
+    let baseline_header = if dense_baseline.is_some() {
+        "  dense-ft"
+    } else {
+        ""
+    };
     println!(
-        "\n{:<8} {:>10} {:>10} {:>7} {:>6} {:>9}{}",
-        "source",
-        "original",
-        "converted",
-        "ratio",
-        "skip",
-        "compute",
-        if dense_baseline.is_some() {
-            "  dense-ft"
-        } else {
-            ""
-        }
+        "\n{:<8} {:>10} {:>10} {:>7} {:>6} {:>9}{baseline_header}",
+        "source", "original", "converted", "ratio", "skip", "compute"
     );
-    let mut worst: f64 = 0.0;
-    for (name, o) in original {
-        let c = &converted[name];
-        let ratio = c.perplexity.perplexity / o;
-        worst = worst.max(ratio);
+    for (name, s) in &r.sources {
         let base = dense_baseline
-            .as_ref()
             .map(|b| format!("  {:>8.3}", b[name]))
             .unwrap_or_default();
         println!(
-            "{name:<8} {o:>10.3} {:>10.3} {ratio:>7.3} {:>6.3} {:>9.3}{base}",
-            c.perplexity.perplexity,
-            c.skip_fraction(),
-            c.compute_fraction
+            "{name:<8} {:>10.3} {:>10.3} {:>7.3} {:>6.3} {:>9.3}{base}",
+            s.original, s.converted, s.ratio, s.skip, s.compute
         );
     }
-    let mut kept_per_layer: BTreeMap<usize, f64> = BTreeMap::new();
-    for c in converted.values() {
-        for (j, f) in &c.kept_fraction {
-            *kept_per_layer.entry(*j).or_default() += f / converted.len() as f64;
-        }
-    }
-    let skip = 1.0 - kept_per_layer.values().sum::<f64>() / kept_per_layer.len().max(1) as f64;
-    let compute_heldout =
-        converted.values().map(|c| c.compute_fraction).sum::<f64>() / converted.len().max(1) as f64;
-    let kv_heldout =
-        converted.values().map(|c| c.kv_fraction).sum::<f64>() / converted.len().max(1) as f64;
-    let mean_ratio = original
-        .iter()
-        .map(|(name, o)| converted[name].perplexity.perplexity / o)
-        .sum::<f64>()
-        / original.len().max(1) as f64;
     println!("\nkept fraction per routed layer (held-out mean):");
-    println!(
-        "{}",
-        kept_per_layer
-            .iter()
-            .map(|(j, f)| format!("L{j} {f:.2}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-    );
-    for (j, f) in &kept_per_layer {
-        if *f <= collapse_floor {
-            println!("WARNING: routed layer {j} keeps no token but the sinks on held-out text (collapsed)");
-        }
+    let kept: Vec<String> = (r.kept_per_layer.iter())
+        .map(|(j, f)| format!("L{j} {f:.2}"))
+        .collect();
+    println!("{}", kept.join("  "));
+    for j in r.collapsed_layers(collapse_floor(args)) {
+        println!(
+            "WARNING: routed layer {j} keeps no token but the sinks on held-out text (collapsed)"
+        );
     }
-    if !causal.is_empty() {
+    if !r.causal.is_empty() {
         println!("\ntop-k decoding with its auxiliary predictor (causal, as generation runs):");
-        for (name, o) in original {
-            let c = &causal[name];
+        for (name, c) in &r.causal {
             println!(
                 "{name:<8} {:>10.3} ratio {:>6.3} skip {:>6.3}",
-                c.perplexity.perplexity,
-                c.perplexity.perplexity / o,
-                c.skip_fraction()
+                c.converted, c.ratio, c.skip
             );
         }
     }
@@ -586,51 +465,44 @@ fn report(
         );
     }
     println!(
-        "\nheld-out: skip {skip:.3}  worst perplexity ratio {worst:.3}  mean {mean_ratio:.3}  compute {compute_heldout:.3} of dense  KV cache {kv_heldout:.3}"
+        "\nheld-out: skip {:.3}  worst perplexity ratio {:.3}  mean {:.3}  compute {:.3} of dense  KV cache {:.3}",
+        r.skip_fraction, r.worst_perplexity_ratio, r.mean_perplexity_ratio, r.compute_fraction, r.kv_fraction
     );
     println!(
         "prefill input ({} tokens): compute {:.3}  prefill time ratio {:.3}  KV cache ratio {:.3}",
-        r.prefill_tokens, r.long_eval.compute_fraction, r.prefill_ratio, r.long_eval.kv_fraction
+        r.prefill.tokens, r.prefill.compute_fraction, r.prefill.time_ratio, r.prefill.kv_fraction
     );
     println!(
         "trained {} steps in {:.0}s; total {:.0}s; saved to {}",
-        args.steps,
+        r.steps,
         r.train_seconds,
         started.elapsed().as_secs_f64(),
         args.out.display()
     );
+}
 
-    if args.json {
-        let report = serde_json::json!({
-            "model": args.model,
-            "mod": mod_config,
-            "train": train_config,
-            "perplexity_original": original,
-            "perplexity_converted": converted.iter().map(|(k, v)| (k.clone(), v.perplexity.perplexity)).collect::<BTreeMap<_, _>>(),
-            "perplexity_dense_finetuned": dense_baseline,
-            "perplexity_converted_causal": causal.iter().map(|(k, v)| (k.clone(), v.perplexity.perplexity)).collect::<BTreeMap<_, _>>(),
-            "skip_fraction_causal": causal.values().map(|v| v.skip_fraction()).sum::<f64>() / causal.len().max(1) as f64,
-            "kept_fraction": kept_per_layer.iter().map(|(j, f)| (j.to_string(), *f)).collect::<BTreeMap<_, _>>(),
-            "skip_fraction": skip,
-            "collapsed_layers": kept_per_layer.iter().filter(|(_, f)| **f <= collapse_floor).map(|(j, _)| *j).collect::<Vec<_>>(),
-            "worst_perplexity_ratio": worst,
-            "mean_perplexity_ratio": mean_ratio,
-            "compute_fraction": compute_heldout,
-            "kv_cache_ratio_heldout": kv_heldout,
-            "calibration": r.calibration,
-            "compute_fraction_prefill": r.long_eval.compute_fraction,
-            "prefill_time_ratio": r.prefill_ratio,
-            "prefill_tokens": r.prefill_tokens,
-            "kv_cache_ratio": r.long_eval.kv_fraction,
-            "train_seconds": r.train_seconds,
-        });
-        let text = serde_json::to_string_pretty(&report)?;
-        modification::fsutil::write_files_atomically(&args.out, |staging| {
-            let path = staging.join("report.json");
-            std::fs::write(&path, &text).map_err(|source| modification::Error::Io { path, source })
-        })?;
-        println!("report: {}", args.out.join("report.json").display());
-    }
+/// Writes `report.json` into `--out`: the settings and the report.
+fn write_json(
+    args: &Args,
+    mod_config: &ModConfig,
+    train_config: &TrainConfig,
+    report: &ConversionReport,
+    dense_baseline: Option<&BTreeMap<String, f64>>,
+) -> Result<()> {
+    let json = serde_json::json!({
+        "model": args.model,
+        "mod": mod_config,
+        "train": train_config,
+        "report": report,
+        "collapsed_layers": report.collapsed_layers(collapse_floor(args)),
+        "perplexity_dense_finetuned": dense_baseline,
+    });
+    let text = serde_json::to_string_pretty(&json)?;
+    modification::fsutil::write_files_atomically(&args.out, |staging| {
+        let path = staging.join("report.json");
+        std::fs::write(&path, &text).map_err(|source| modification::Error::Io { path, source })
+    })?;
+    println!("report: {}", args.out.join("report.json").display());
     Ok(())
 }
 
@@ -706,9 +578,4 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
     };
 
     (mod_config, train_config)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }

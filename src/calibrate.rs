@@ -10,11 +10,11 @@ use crate::error::{Error, Result};
 use crate::mixture_of_depths::RouterKind;
 use crate::mixture_of_depths::{ModModel, Mode};
 use crate::model::Batch;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The outcome of [`calibrate_compute`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
     /// The target compute fraction.
     pub target: f64,

@@ -18,6 +18,10 @@
 //! - [`generate`], [`eval`]: prefill/decode generation, perplexity, compute and KV-cache
 //!   accounting;
 //! - [`calibrate`]: thresholds (or capacity) set to a target compute after training;
+//! - [`conversion`]: after training, calibrate, save, evaluate against the original and
+//!   time the prefill, as one [`conversion::ConversionReport`];
+//! - [`sweep`]: many conversions under one budget, as a CSV, a Markdown table and a plot of
+//!   perplexity against compute;
 //! - [`text`], [`fsutil`], [`config`], [`error`]: tokenizer helpers, atomic writes, the HF
 //!   `config.json`, the typed errors.
 //!
@@ -40,6 +44,7 @@
 pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
+pub mod conversion;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
@@ -53,6 +58,7 @@ pub use error::{Error, Result};
 pub use model::{Batch, Llama};
 pub mod mixture_of_depths;
 pub mod routing;
+pub mod sweep;
 pub mod text;
 pub mod train;
 

@@ -169,7 +169,7 @@ fn lora_trains_only_adapters_and_routers_and_merges_exactly() {
     }
 
     // Merged weights give the unmerged model's logits.
-    let converted = trainer.converted().unwrap();
+    let converted = trainer.converted(trainer.model().config()).unwrap();
     let merged = ModModel::from_checkpoint(&converted).unwrap();
     let rows = common::small_corpus().sources[0].heldout.clone();
     let batch = Batch::from_rows(&rows, 0, 8192, &Device::Cpu).unwrap();

@@ -203,11 +203,12 @@ impl Trainer {
     }
 
     /// The converted checkpoint as it stands (base tensors with the converted ones over
-    /// them, see [`converted_tensors`](Self::converted_tensors)).
+    /// them, see [`converted_tensors`](Self::converted_tensors)), with `config` as its `mod`
+    /// section (the trained model's own, or a calibrated one).
     ///
     /// Errors: see [`converted_checkpoint`].
-    pub fn converted(&self) -> Result<Checkpoint> {
-        converted_checkpoint(&self.base, &self.converted_tensors()?, self.model.config())
+    pub fn converted(&self, config: &ModConfig) -> Result<Checkpoint> {
+        converted_checkpoint(&self.base, &self.converted_tensors()?, config)
     }
 
     /// Writes the converted model as it stands to `dir` (HF layout, atomically), with `config`
