@@ -166,3 +166,74 @@ fn real_model_greedy_reference_through_the_cache() {
     let entries = out.prompt_tokens + 19;
     assert_eq!(out.kv_bytes(), 30 * entries * 2 * 3 * 64 * 4);
 }
+
+/// A decode step of one row runs on host slices (`mixture_of_depths/decode.rs`); the same
+/// step in a batch of two identical rows runs through the general routed layer. Both must
+/// give the same logits: on the tiny routed models (threshold-p with `Skip` and `Keep`,
+/// top-k decoding with its predictor, `Multiply` gates, gates on the normalised input) and
+/// on the real model with f32 weights and with the GGUF's own Q4_1 blocks.
+#[test]
+fn the_host_decode_step_equals_the_general_path() {
+    use modification::mixture_of_depths::{GateInput, GateScaling, RouterKind};
+    let check = |model: &ModModel, tokens: &[u32], what: &str| {
+        let prompt = &tokens[..tokens.len() - 3];
+        let mut one = model.new_cache(1).unwrap();
+        let mut two = model.new_cache(2).unwrap();
+        let rows = vec![prompt.to_vec(), prompt.to_vec()];
+        model
+            .forward_cached(&Batch::single(prompt, 8192, &Device::Cpu).unwrap(), &mut one)
+            .unwrap();
+        model
+            .forward_cached(&Batch::from_rows(&rows, 0, 8192, &Device::Cpu).unwrap(), &mut two)
+            .unwrap();
+        for (p, &tok) in tokens.iter().enumerate().skip(prompt.len()) {
+            let host = model
+                .forward_cached(&decode_batch(&[tok], &[p], 8192, &Device::Cpu).unwrap(), &mut one)
+                .unwrap();
+            let general = model
+                .forward_cached(
+                    &decode_batch(&[tok, tok], &[p, p], 8192, &Device::Cpu).unwrap(),
+                    &mut two,
+                )
+                .unwrap();
+            let d = common::max_diff(&host.logits.i(0).unwrap(), &general.logits.i(0).unwrap());
+            assert!(d < 1e-4, "{what}, position {p}: max diff {d}");
+            let kept = |o: &modification::ModOutput, per_row: usize| -> Vec<usize> {
+                o.stats.iter().map(|s| s.kept / per_row).collect()
+            };
+            assert_eq!(kept(&host, 1), kept(&general, 2), "{what}, position {p}");
+            assert_eq!(host.flops * 2.0, general.flops, "{what}, position {p}");
+        }
+        assert_eq!(one.len(1, 0).unwrap(), two.len(1, 1).unwrap(), "{what}");
+    };
+    let tokens = tiny::ids(12, 31);
+    let variants = [
+        ("Skip", routed(KvPolicy::Skip).config().clone()),
+        ("Keep", routed(KvPolicy::Keep).config().clone()),
+        (
+            "top-k",
+            ModConfig {
+                router: RouterKind::TopK { capacity: 0.5 },
+                ..routed(KvPolicy::Skip).config().clone()
+            },
+        ),
+        (
+            "Multiply, normalised gate input",
+            ModConfig {
+                gate_scaling: GateScaling::Multiply,
+                gate_input: GateInput::Normalized,
+                ..routed(KvPolicy::Keep).config().clone()
+            },
+        ),
+    ];
+    for (what, cfg) in variants {
+        let model = tiny::mod_model(tiny::llama(3), cfg, 3.0, 0.0);
+        check(&model, &tokens, what);
+    }
+    let ids = &common::moby_reference_ids()[..24];
+    let mut dense = Llama::from_checkpoint(common::smollm2()).unwrap();
+    check(&ModModel::dense(dense.clone()).unwrap(), ids, "SmolLM2 f32");
+    let blocks = modification::checkpoint::gguf::load_blocks(&common::gguf_path()).unwrap();
+    dense.use_blocks(&blocks).unwrap();
+    check(&ModModel::dense(dense).unwrap(), ids, "SmolLM2 Q4_1 blocks");
+}

@@ -127,10 +127,11 @@ pub(super) fn sparse_layer(
             keys.valid.narrow(1, 0, limit)?,
         );
         let mask = match &kept_k {
-            None => attention_mask(&pos_c, &pos_k, &valid_k, dtype)?,
+            None if sees_every_key(&q_positions, &keys, start, limit) => None,
+            None => Some(attention_mask(&pos_c, &pos_k, &valid_k, dtype)?),
             Some(kept) => {
                 let kept = kept.narrow(1, 0, limit)?;
-                kept_or_self_mask(&pos_c, &pos_k, &valid_k, &kept, dtype)?
+                Some(kept_or_self_mask(&pos_c, &pos_k, &valid_k, &kept, dtype)?)
             }
         };
         deltas.push(layer.delta_with_kv(
@@ -139,7 +140,7 @@ pub(super) fn sparse_layer(
             &rope.at(&pos_c, dtype)?,
             &keys.k.narrow(2, 0, limit)?,
             &keys.v.narrow(2, 0, limit)?,
-            &mask,
+            mask.as_ref(),
         )?);
     }
     let delta = match deltas.len() {
@@ -179,6 +180,20 @@ fn key_limit(queries: &[Vec<u32>], keys: &[Vec<u32>], start: usize, n: usize) ->
         })
         .max()
         .unwrap_or(0)
+}
+
+/// Whether every query slot `start..` of every row may see all of the first `limit` key
+/// slots, so that no mask is needed: each row's `limit` keys are valid (no padding) and no
+/// later than the row's first query of the chunk. True for a decode step (one query after
+/// its cached keys); false for a causal prompt of more than one token.
+fn sees_every_key(queries: &[Vec<u32>], keys: &LayerKeys, start: usize, limit: usize) -> bool {
+    (queries.iter().zip(&keys.row_positions)).all(|(q, k)| {
+        let Some(&first) = q.get(start) else {
+            // No query in this chunk: the row's slots are padding, whose update is dropped.
+            return true;
+        };
+        k.len() >= limit && k.get(limit - 1).is_none_or(|&last| last <= first)
+    })
 }
 
 /// FLOPs of a layer that computes `queries`, computes keys and values for `writers`, and

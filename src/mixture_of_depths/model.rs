@@ -247,6 +247,14 @@ impl ModModel {
             }
             cache.check_continues(batch.starts())?;
         }
+        if let (Some(cache), Mode::Inference, true) = (cache.as_deref_mut(), mode, causal) {
+            // A decode step on the CPU skips candle's per-op overhead (see `decode`).
+            if self.can_decode_on_host(batch) {
+                let out = self.decode_on_host(batch, cache)?;
+                cache.advance(&batch.ends());
+                return Ok(out);
+            }
+        }
         let cfg = base.config();
         let all = Selection::all(batch.lengths(), batch.seq_len());
         // A dense layer attends each token to every earlier token of its row: those the
@@ -334,12 +342,13 @@ impl ModModel {
         })
     }
 
-    /// The tokens layer `j` keeps, from its router's logits and gates (host copies).
+    /// The tokens layer `j` keeps, from its router's gates (`gates`: the host copy, `(B, T)`
+    /// row-major) or, for top-k over whole rows, its logits `(B, T)` (read back here).
     fn select(
         &self,
         j: usize,
         logits: &Tensor,
-        gates: &Tensor,
+        gates: &[f32],
         batch: &Batch,
         causal: bool,
     ) -> Result<Selection> {
@@ -350,33 +359,16 @@ impl ModModel {
             .iter()
             .map(|&s| self.config.sink_tokens.saturating_sub(s))
             .collect();
-        let sinks = &sinks;
-        match (&self.config.router, causal) {
-            (RouterKind::ThresholdP { .. }, _) => {
-                let p = self.config.threshold_for(j).unwrap_or(0.5);
-                selection::threshold_p(
-                    &gates.flatten_all()?.to_vec1()?,
-                    batch.lengths(),
-                    t,
-                    p,
-                    sinks,
-                )
+        let threshold = match (&self.config.router, causal) {
+            (RouterKind::ThresholdP { .. }, _) => self.config.threshold_for(j).unwrap_or(0.5),
+            // A top-k model decoding causally uses its auxiliary predictor (MoD §3.5).
+            (RouterKind::TopK { .. }, true) => 0.5,
+            (RouterKind::TopK { capacity }, false) => {
+                let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                return selection::top_k(&logits, batch.lengths(), t, *capacity, &sinks);
             }
-            (RouterKind::TopK { .. }, true) => selection::threshold_p(
-                &gates.flatten_all()?.to_vec1()?,
-                batch.lengths(),
-                t,
-                0.5,
-                sinks,
-            ),
-            (RouterKind::TopK { capacity }, false) => selection::top_k(
-                &logits.flatten_all()?.to_vec1()?,
-                batch.lengths(),
-                t,
-                *capacity,
-                sinks,
-            ),
-        }
+        };
+        selection::threshold_p(gates, batch.lengths(), t, threshold, &sinks)
     }
 
     /// Router decision of layer `j` on `x` `(B, T, d)`: logits, kept tokens, and the
@@ -404,15 +396,38 @@ impl ModModel {
             Mode::Training => logits,
         };
         let g = router.gates(&logits)?;
-        let valid_f = batch.valid().to_dtype(DType::F32)?;
-        let mean_gate = ((&g * &valid_f)?.sum_all()? / batch.num_tokens().max(1) as f64)?;
-        let sel = self.select(j, &logits, &g, batch, causal)?;
+        // The one host copy a routed layer makes: the decisions are taken on the host.
+        let gates: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let sel = self.select(j, &logits, &gates, batch, causal)?;
         let f = Tensor::from_vec(sel.mask(), (b, t), x.device())?;
-        // Forward value: the hard decision f (times g for Multiply); gradient through g.
-        let ste = (&g - g.detach())?;
-        let w = match self.config.gate_scaling {
-            GateScaling::StraightThrough => (&f + &ste)?,
-            GateScaling::Multiply => ((&f * &g)? + ((1.0 - &f)? * &ste)?)?,
+        let tokens = batch.num_tokens().max(1) as f64;
+        let mean_gate = match mode {
+            Mode::Training => {
+                let valid_f = batch.valid().to_dtype(DType::F32)?;
+                ((&g * &valid_f)?.sum_all()? / tokens)?
+            }
+            // The same mean from the host copy: no gradient is needed, and a decode step
+            // pays per op, not per FLOP.
+            Mode::Inference => {
+                let sum: f64 = (batch.lengths().iter().enumerate())
+                    .map(|(row, &len)| gates[row * t..][..len].iter().map(|&v| v as f64).sum::<f64>())
+                    .sum();
+                Tensor::new((sum / tokens) as f32, x.device())?
+            }
+        };
+        let w = match (mode, self.config.gate_scaling) {
+            // Inference takes no gradient: the forward value alone, without building the
+            // estimator's graph (a decode step's overhead is per op, not per FLOP).
+            (Mode::Inference, GateScaling::StraightThrough) => f.clone(),
+            (Mode::Inference, GateScaling::Multiply) => (&f * &g)?,
+            // Forward value: the hard decision f (times g for Multiply); gradient through g.
+            (Mode::Training, scaling) => {
+                let ste = (&g - g.detach())?;
+                match scaling {
+                    GateScaling::StraightThrough => (&f + &ste)?,
+                    GateScaling::Multiply => ((&f * &g)? + ((1.0 - &f)? * &ste)?)?,
+                }
+            }
         };
         Ok(Routing {
             logits,

@@ -68,7 +68,9 @@ impl Attention {
 
     /// Attention output for queries `x` `(B, Tq, d)` (normalised, rotated at `rope`'s
     /// positions) over keys/values `k`, `v` `(B, n_kv_heads, Tk, head_dim)` with additive
-    /// `mask` `(B, 1, Tq, Tk)` (see [`attention_mask`]). Returns `(B, Tq, d)` after `o_proj`.
+    /// `mask` `(B, 1, Tq, Tk)` (see [`attention_mask`]); `None` when every query may see
+    /// every key (a decode step: its keys are all earlier and valid), which saves building
+    /// and adding the mask. Returns `(B, Tq, d)` after `o_proj`.
     ///
     /// Grouped-query attention without copying K and V per query head: the `G` query heads
     /// that share a KV head are stacked along the query axis, `(B, n_kv, G·Tq, hd)`, so that
@@ -79,7 +81,7 @@ impl Attention {
         rope: &RopeAt,
         k: &Tensor,
         v: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (n_kv, hd) = (self.n_kv_heads, self.head_dim);
@@ -94,10 +96,13 @@ impl Attention {
         // Query head h uses KV head h / G (HF's repeat_kv order).
         let q = rope.apply(&q)?.reshape((b, n_kv, groups * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?
-            .reshape((b, n_kv, groups, t, tk))?
-            .broadcast_add(&mask.unsqueeze(1)?)?
-            .reshape((b, n_kv, groups * t, tk))?;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores
+                .reshape((b, n_kv, groups, t, tk))?
+                .broadcast_add(&mask.unsqueeze(1)?)?
+                .reshape((b, n_kv, groups * t, tk))?;
+        }
         let probs = softmax_last_dim(&scores)?;
         let out = probs
             .matmul(v)?
@@ -130,7 +135,7 @@ impl Attention {
     /// Self-attention of a token set on itself: `x` `(B, T, d)` normalised. `(B, T, d)`.
     pub fn forward(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
         let (k, v) = self.key_values(x, rope)?;
-        self.attend(x, rope, &k, &v, mask)
+        self.attend(x, rope, &k, &v, Some(mask))
     }
 }
 

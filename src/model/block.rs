@@ -88,6 +88,16 @@ impl Block {
             .collect()
     }
 
+    /// The SwiGLU network.
+    pub fn mlp(&self) -> &Mlp {
+        &self.mlp
+    }
+
+    /// The RMSNorm weights before attention and before the MLP, `(d,)` each, and ε.
+    pub fn norms(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.input_norm, &self.post_attn_norm, self.eps)
+    }
+
     /// `norm₁(x)`: the normalised input attention projects from. `(B, T, d)`.
     pub fn normed_input(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.input_norm, self.eps)
@@ -100,12 +110,13 @@ impl Block {
     pub fn delta(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
         let normed = self.normed_input(x)?;
         let (k, v) = self.attn.key_values(&normed, rope)?;
-        self.delta_with_kv(x, &normed, rope, &k, &v, mask)
+        self.delta_with_kv(x, &normed, rope, &k, &v, Some(mask))
     }
 
     /// As [`delta`](Self::delta), for queries `x` (`(B, Tq, d)`, normalised: `normed`) over
-    /// given keys/values `(B, n_kv, Tk, hd)` with mask `(B, 1, Tq, Tk)`: the form a KV
-    /// cache or the `Keep` policy (skipped tokens still write K/V) needs.
+    /// given keys/values `(B, n_kv, Tk, hd)` with mask `(B, 1, Tq, Tk)` (`None`: every query
+    /// sees every key, see [`Attention::attend`]): the form a KV cache or the `Keep` policy
+    /// (skipped tokens still write K/V) needs.
     pub fn delta_with_kv(
         &self,
         x: &Tensor,
@@ -113,7 +124,7 @@ impl Block {
         rope: &RopeAt,
         k: &Tensor,
         v: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let a = self.attn.attend(normed, rope, k, v, mask)?;
         let h = (x + &a)?;

@@ -6,9 +6,9 @@ use candle_core::{DType, Device, Tensor, D};
 /// Precomputed cos/sin tables for every position of the model's context.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
-    /// `(max_positions, head_dim)` f32: `cos(p · θ^(-2i/head_dim))`, the half repeated.
+    /// `(max_positions, head_dim / 2)` f32: `cos(p · θ^(-2i/head_dim))`.
     cos: Tensor,
-    /// `(max_positions, head_dim)` f32, as `cos` with `sin`.
+    /// `(max_positions, head_dim / 2)` f32, as `cos` with `sin`.
     sin: Tensor,
     max_positions: usize,
 }
@@ -16,9 +16,9 @@ pub struct RotaryEmbedding {
 /// The rotation of a particular token set: cos/sin gathered at its position ids.
 #[derive(Debug, Clone)]
 pub struct RopeAt {
-    /// `(B, 1, T, head_dim)` in the model dtype.
+    /// `(B, T, head_dim / 2)` in the model dtype: `cos(p · θ^(-2i/head_dim))`.
     pub cos: Tensor,
-    /// `(B, 1, T, head_dim)` in the model dtype.
+    /// `(B, T, head_dim / 2)` in the model dtype, as `cos` with `sin`.
     pub sin: Tensor,
 }
 
@@ -43,7 +43,6 @@ impl RotaryEmbedding {
             .to_dtype(DType::F32)?
             .reshape((max_positions, 1))?;
         let angles = pos.broadcast_mul(&inv_freq)?;
-        let angles = Tensor::cat(&[&angles, &angles], D::Minus1)?;
         Ok(Self {
             cos: angles.cos()?,
             sin: angles.sin()?,
@@ -56,6 +55,20 @@ impl RotaryEmbedding {
         self.max_positions
     }
 
+    /// cos and sin at one position as host values, `head_dim / 2` each (f32).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a position outside the tables.
+    pub fn host_row(&self, position: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if position >= self.max_positions {
+            return Err(Error::InvalidArgument(format!(
+                "position {position} is outside the {} RoPE positions",
+                self.max_positions
+            )));
+        }
+        let row = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.get(position)?.to_vec1()?) };
+        Ok((row(&self.cos)?, row(&self.sin)?))
+    }
+
     /// Gathers cos/sin at `positions` (`(B, T)` u32, original positions) in `dtype`.
     ///
     /// Errors: [`Error::Candle`] if a position is outside the tables (callers check the
@@ -66,7 +79,7 @@ impl RotaryEmbedding {
         let gather = |table: &Tensor| -> Result<Tensor> {
             Ok(table
                 .index_select(&flat, 0)?
-                .reshape((b, 1, t, ()))?
+                .reshape((b, t, ()))?
                 .to_dtype(dtype)?)
         };
         if b * t == 0 {
@@ -80,12 +93,26 @@ impl RotaryEmbedding {
 }
 
 impl RopeAt {
-    /// Rotates `x` (`(B, H, T, head_dim)`): `x · cos + rotate_half(x) · sin`, differentiable.
+    /// Rotates `x` (`(B, H, T, head_dim)`): `x · cos + rotate_half(x) · sin`. Inference
+    /// (no gradient tracked) runs candle's fused kernel, one pass; training runs the
+    /// differentiable composition of the same formula.
+    ///
+    /// Errors: [`Error::Candle`] when `x`'s batch, length or width differ from the tables'.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() && !self.cos.track_op() && !self.sin.track_op() {
+            return Ok(candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                &self.cos,
+                &self.sin,
+            )?);
+        }
         let d = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?)
+        let full = |half: &Tensor| -> Result<Tensor> {
+            Ok(Tensor::cat(&[half, half], D::Minus1)?.unsqueeze(1)?)
+        };
+        Ok((x.broadcast_mul(&full(&self.cos)?)? + rotated.broadcast_mul(&full(&self.sin)?)?)?)
     }
 }
