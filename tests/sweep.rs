@@ -42,6 +42,11 @@ fn a_conversion_that_trained_nothing_reports_the_original_exactly() {
         ..TrainConfig::default()
     };
     let trainer = Trainer::new(ckpt, ModConfig::default(), train).unwrap();
+    // The converted tensors are data, not part of the training graph: a model built from
+    // them in memory runs the inference kernels, as one loaded from disk does.
+    let tensors = trainer.converted_tensors().unwrap();
+    assert_eq!(tensors.len(), 30, "15 routers, weight and bias each");
+    assert!(tensors.values().all(|t| !t.track_op()));
     let r = finish_conversion(&trainer, corpus, &dense, &original, &options(), None, 0.0).unwrap();
     assert_eq!(r.sources.len(), 5);
     for (source, (name, s)) in corpus.sources.iter().zip(&r.sources) {

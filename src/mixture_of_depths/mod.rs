@@ -10,7 +10,6 @@
 //! - `load`: a converted model from a checkpoint.
 
 mod cached;
-mod decode;
 pub mod config;
 mod layer;
 mod load;

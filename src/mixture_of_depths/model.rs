@@ -247,14 +247,6 @@ impl ModModel {
             }
             cache.check_continues(batch.starts())?;
         }
-        if let (Some(cache), Mode::Inference, true) = (cache.as_deref_mut(), mode, causal) {
-            // A decode step on the CPU skips candle's per-op overhead (see `decode`).
-            if self.can_decode_on_host(batch) {
-                let out = self.decode_on_host(batch, cache)?;
-                cache.advance(&batch.ends());
-                return Ok(out);
-            }
-        }
         let cfg = base.config();
         let all = Selection::all(batch.lengths(), batch.seq_len());
         // A dense layer attends each token to every earlier token of its row: those the
@@ -410,7 +402,12 @@ impl ModModel {
             // pays per op, not per FLOP.
             Mode::Inference => {
                 let sum: f64 = (batch.lengths().iter().enumerate())
-                    .map(|(row, &len)| gates[row * t..][..len].iter().map(|&v| v as f64).sum::<f64>())
+                    .map(|(row, &len)| {
+                        gates[row * t..][..len]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .sum::<f64>()
+                    })
                     .sum();
                 Tensor::new((sum / tokens) as f32, x.device())?
             }

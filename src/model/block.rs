@@ -88,16 +88,6 @@ impl Block {
             .collect()
     }
 
-    /// The SwiGLU network.
-    pub fn mlp(&self) -> &Mlp {
-        &self.mlp
-    }
-
-    /// The RMSNorm weights before attention and before the MLP, `(d,)` each, and ε.
-    pub fn norms(&self) -> (&Tensor, &Tensor, f64) {
-        (&self.input_norm, &self.post_attn_norm, self.eps)
-    }
-
     /// `norm₁(x)`: the normalised input attention projects from. `(B, T, d)`.
     pub fn normed_input(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.input_norm, self.eps)

@@ -50,7 +50,7 @@ pub(crate) fn outputs_by_row(out_t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
 
 /// The dot product with the widest vector instructions this CPU has (chosen once per
 /// matmul, not per dot product).
-pub(crate) fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
+fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {

@@ -297,14 +297,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// Row `row`'s entries at `layer` as `(1, n_kv_heads, len, head_dim)` views of its
-    /// buffers (no copy); `None` before the first entry.
-    ///
-    /// Errors: [`Error::InvalidArgument`] for a layer or row the cache does not have.
-    pub(crate) fn row_views(&self, layer: usize, row: usize) -> Result<Option<(Tensor, Tensor)>> {
-        self.entries(layer, row)?.views()
-    }
-
     /// Every row's entries at `layer`, zero-padded into one batch. `None` when no row has
     /// an entry. `n_kv_heads`, `head_dim`, `dtype` and `device` describe the padding.
     ///

@@ -134,15 +134,6 @@ pub(crate) fn blocks_product(q: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> 
     Ok(Some(q.forward(&x)?))
 }
 
-/// The crate's own kernel format of `blocks`, if it has one (Q4_1, Q8_0 on the CPU).
-fn host_format(blocks: &QTensor) -> Option<super::qgemv::Format> {
-    match (blocks.dtype(), blocks.device().is_cpu()) {
-        (GgmlDType::Q4_1, true) => Some(super::qgemv::Format::Q4_1),
-        (GgmlDType::Q8_0, true) => Some(super::qgemv::Format::Q8_0),
-        _ => None,
-    }
-}
-
 /// Checks that `blocks` hold a matrix of `weight`'s shape `(out, in)`.
 ///
 /// Errors: [`crate::Error::ShapeMismatch`] naming `name` and both shapes.
@@ -246,56 +237,6 @@ impl Projection {
         let (out, inp) = self.weight.dims2()?;
         self.adapter = Some(super::lora::Adapter::load(vb, out, inp, cfg)?);
         Ok(())
-    }
-
-    /// Whether [`host_product`](Self::host_product) can multiply by this projection: no
-    /// adapter, and either Q4_1 / Q8_0 blocks or a contiguous f32 weight on the CPU.
-    pub(crate) fn has_host_product(&self) -> bool {
-        if self.adapter.is_some() {
-            return false;
-        }
-        match &self.quantized {
-            Some(QMatMul::QTensor(blocks)) => {
-                let (n, k) = blocks.shape().dims2().unwrap_or((0, 0));
-                host_format(blocks).is_some()
-                    && k % super::qgemv::BLOCK == 0
-                    && blocks.data().is_ok_and(|d| {
-                        d.len() == n * k / super::qgemv::BLOCK * host_format(blocks).map_or(0, |f| f.block_bytes())
-                    })
-            }
-            Some(_) => false,
-            None => {
-                self.weight.device().is_cpu()
-                    && self.weight.dtype() == candle_core::DType::F32
-                    && self.weight.is_contiguous()
-            }
-        }
-    }
-
-    /// `x · Wᵀ` for one token on host slices: `x` of length `in`, returns `out` values.
-    /// Only where [`has_host_product`](Self::has_host_product) holds.
-    ///
-    /// Errors: [`crate::Error::InvalidArgument`] where it does not, or for an `x` of
-    /// another length.
-    pub(crate) fn host_product(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let (n, k) = self.weight.dims2()?;
-        if x.len() != k || !self.has_host_product() {
-            return Err(crate::Error::InvalidArgument(format!(
-                "no host product for a {n}×{k} projection and {} inputs",
-                x.len()
-            )));
-        }
-        if let Some(QMatMul::QTensor(blocks)) = &self.quantized {
-            let format = host_format(blocks).expect("checked by has_host_product");
-            let data = blocks.data()?;
-            return Ok(super::qgemv::gemv_blocks(x, 1, k, &data, n, format));
-        }
-        let (storage, layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(CpuStorage::F32(w)) = &*storage else {
-            unreachable!("checked by has_host_product")
-        };
-        let w = &w[layout.start_offset()..][..n * k];
-        Ok(super::gemv::gemv(x, 1, k, w, n))
     }
 
     /// The weight with the adapter (if any) merged in, `(out, in)` in the weight's dtype.

@@ -8,7 +8,7 @@ pub mod attention;
 pub mod batch;
 pub mod block;
 pub mod flops;
-pub(crate) mod gemv;
+mod gemv;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

@@ -55,20 +55,6 @@ impl RotaryEmbedding {
         self.max_positions
     }
 
-    /// cos and sin at one position as host values, `head_dim / 2` each (f32).
-    ///
-    /// Errors: [`Error::InvalidArgument`] for a position outside the tables.
-    pub fn host_row(&self, position: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        if position >= self.max_positions {
-            return Err(Error::InvalidArgument(format!(
-                "position {position} is outside the {} RoPE positions",
-                self.max_positions
-            )));
-        }
-        let row = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.get(position)?.to_vec1()?) };
-        Ok((row(&self.cos)?, row(&self.sin)?))
-    }
-
     /// Gathers cos/sin at `positions` (`(B, T)` u32, original positions) in `dtype`.
     ///
     /// Errors: [`Error::Candle`] if a position is outside the tables (callers check the

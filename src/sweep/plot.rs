@@ -70,7 +70,7 @@ fn draw(path: &Path, rows: &[SweepRow], size: (u32, u32)) -> DrawResult {
     let ys = points(worst).chain(points(mean)).map(|p| p.1).chain([1.0]);
     let (y_min, y_max) = ys.fold((1.0f64, 1.0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
     let x_range = (x_min - 0.02).max(0.0)..1.01;
-    let y_range = (y_min * 0.97)..(y_max * 1.1);
+    let y_range = (y_min * 0.97)..(y_max * 1.25);
 
     let mut chart = ChartBuilder::on(&root)
         .caption("held-out perplexity ratio against compute", (FONT, 24))
@@ -142,7 +142,9 @@ fn draw(path: &Path, rows: &[SweepRow], size: (u32, u32)) -> DrawResult {
         .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        // Conversions fall from the upper left to the original at (1, 1): the upper right
+        // stays empty.
+        .position(SeriesLabelPosition::UpperRight)
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)

@@ -10,8 +10,9 @@ use std::path::Path;
 
 /// The CSV's columns before the per-source ones (`ppl_<source>`, then `ratio_<source>`, in
 /// the sources' order). Fractions are of the dense model's; ratios are converted /
-/// original; `prefill_time_ratio` is a wall-time ratio on one long input.
-pub const CSV_COLUMNS: [&str; 17] = [
+/// original; `prefill_time_ratio` is a wall-time ratio on one long input, whose compute
+/// fraction (the pass decides causally, as generation does) is `prefill_compute_fraction`.
+pub const CSV_COLUMNS: [&str; 18] = [
     "setting",
     "curve",
     "router",
@@ -26,6 +27,7 @@ pub const CSV_COLUMNS: [&str; 17] = [
     "kv_fraction",
     "skip_fraction",
     "prefill_time_ratio",
+    "prefill_compute_fraction",
     "worst_ratio",
     "mean_ratio",
     "wall_seconds",
@@ -48,9 +50,9 @@ pub fn write_csv(path: &Path, original: &BTreeMap<String, f64>, rows: &[SweepRow
     w.write_record(&header).map_err(io)?;
 
     // The dense model: nothing routed, trained or skipped; every ratio 1.
-    let dense: [&str; 17] = [
+    let dense: [&str; 18] = [
         "original", "", "dense", "none", "", "", "", "", "0", "0", "1", "1", "0", "1", "1", "1",
-        "0",
+        "1", "0",
     ];
     let mut first: Vec<String> = dense.map(String::from).to_vec();
     first.extend(original.values().map(|p| format!("{p:.4}")));
@@ -77,6 +79,7 @@ pub fn write_csv(path: &Path, original: &BTreeMap<String, f64>, rows: &[SweepRow
             format!("{:.4}", r.kv_fraction),
             format!("{:.4}", r.skip_fraction),
             format!("{:.4}", r.prefill.time_ratio),
+            format!("{:.4}", r.prefill.compute_fraction),
             format!("{:.4}", r.worst_perplexity_ratio),
             format!("{:.4}", r.mean_perplexity_ratio),
             format!("{:.1}", row.wall_seconds),
@@ -101,20 +104,20 @@ pub fn write_csv(path: &Path, original: &BTreeMap<String, f64>, rows: &[SweepRow
 }
 
 /// `rows` as a Markdown table: one line per setting (the original model first) with the
-/// held-out compute fraction, KV-cache ratio, skipped fraction, prefill time ratio, worst
-/// and mean perplexity ratio, perplexity per source (sources of `original`), tokens
-/// trained and wall time.
+/// held-out compute fraction, KV-cache ratio, skipped fraction, prefill time ratio (and
+/// the prefill's own compute fraction), worst and mean perplexity ratio, perplexity per
+/// source (sources of `original`), tokens trained and wall time.
 pub fn markdown_table(original: &BTreeMap<String, f64>, rows: &[SweepRow]) -> String {
     let sources: Vec<&String> = original.keys().collect();
     let mut out = String::from(
-        "| setting | router | routed, KV | trained, objective | compute | KV cache | skip | prefill time | worst | mean |",
+        "| setting | router | routed, KV | trained, objective | compute | KV cache | skip | prefill time (compute) | worst | mean |",
     );
     for s in &sources {
         out += &format!(" {s} |");
     }
     out += " tokens | wall |\n|---|---|---|---|---|---|---|---|---|---|";
     out += &"---|".repeat(sources.len() + 2);
-    out += "\n| original | dense | – | – | 1 | 1 | 0 | 1 | 1 | 1 |";
+    out += "\n| original | dense | – | – | 1 | 1 | 0 | 1 (1) | 1 | 1 |";
     for s in &sources {
         out += &format!(" {:.2} |", original[*s]);
     }
@@ -122,7 +125,7 @@ pub fn markdown_table(original: &BTreeMap<String, f64>, rows: &[SweepRow]) -> St
     for row in rows {
         let (s, r) = (&row.setting, &row.report);
         out += &format!(
-            "| {} | {} | {}, `{}` | {}, {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {}, `{}` | {}, {} | {:.3} | {:.3} | {:.3} | {:.2} ({:.3}) | {:.2} | {:.2} |",
             s.name,
             router_name(&s.mod_config.router),
             layers_name(&s.mod_config.routed_layers),
@@ -133,6 +136,7 @@ pub fn markdown_table(original: &BTreeMap<String, f64>, rows: &[SweepRow]) -> St
             r.kv_fraction,
             r.skip_fraction,
             r.prefill.time_ratio,
+            r.prefill.compute_fraction,
             r.worst_perplexity_ratio,
             r.mean_perplexity_ratio,
         );

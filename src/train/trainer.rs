@@ -189,7 +189,9 @@ impl Trainer {
     }
 
     /// The tensors a converted model replaces in the base checkpoint: routers, and base
-    /// weights (trained, or with their LoRA adapters merged in).
+    /// weights (trained, or with their LoRA adapters merged in). Detached from training:
+    /// a model built from them computes as one loaded from disk (no gradient tracking,
+    /// the fused inference kernels).
     ///
     /// Errors: [`Error::Candle`] when merging fails.
     pub fn converted_tensors(&self) -> Result<HashMap<String, Tensor>> {
@@ -199,7 +201,10 @@ impl Trainer {
             .filter(|(name, _)| !name.ends_with(".lora_a") && !name.ends_with(".lora_b"))
             .collect();
         out.extend(self.model.base().merged_lora_weights()?);
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|(name, t)| (name, t.detach()))
+            .collect())
     }
 
     /// The converted checkpoint as it stands (base tensors with the converted ones over
