@@ -22,8 +22,8 @@ use support::{ObjectiveArg, TrainArg};
 use anyhow::Result;
 use clap::Parser;
 use modification::mixture_of_depths::{KvPolicy, LayerRule, RoutedLayers};
+use modification::train::TrainConfig;
 use modification::train::Trainer;
-use modification::train::{Corpus, CorpusOptions, SourceSpec, TrainConfig};
 use modification::{Checkpoint, ModConfig};
 
 #[derive(Parser, Debug)]
@@ -77,13 +77,7 @@ fn main() -> Result<()> {
         true => support::random_checkpoint(std::path::Path::new(&args.model), dtype, &device)?,
         false => Checkpoint::load(&args.model, dtype, &device)?,
     };
-    let specs = SourceSpec::folders_of(&args.data)?;
-    let opts = CorpusOptions {
-        seq_len: args.seq_len,
-        ..CorpusOptions::default()
-    };
-    let eos = ckpt.config.eos_token_id.unwrap_or(0);
-    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
+    let corpus = support::load_corpus(&args.data, &ckpt, args.seq_len)?;
     let mod_config = ModConfig {
         routed_layers: RoutedLayers::Rule(LayerRule::All),
         kv_policy: KvPolicy::Keep,

@@ -24,9 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use modification::conversion::{self, ConversionReport, EvalOptions};
 use modification::mixture_of_depths::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
 use modification::model::LoraConfig;
-use modification::train::{
-    memory, Corpus, CorpusOptions, SourceSpec, TrainConfig, Trainable, Trainer,
-};
+use modification::train::{memory, Corpus, TrainConfig, Trainable, Trainer};
 use modification::{Checkpoint, Llama, ModConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -299,26 +297,12 @@ fn plan_memory(
     }
     let config = Checkpoint::read_config(&args.model).context("reading the model's config")?;
     let estimate = memory::conversion_memory(&config, dtype, train_config, args.seq_len);
-    let available = memory::available_memory();
-    println!(
-        "estimated peak memory: {estimate}; available: {}",
-        available.map_or("unknown".to_string(), |a| format!("{:.1} GB", a / 1e9))
-    );
-    if let (Some(available), false) = (available, args.ignore_memory_estimate) {
-        memory::check_fits(&estimate, available)?;
-    }
-    Ok(())
+    support::check_memory(&estimate, args.ignore_memory_estimate)
 }
 
 /// The corpus under `--data`, tokenized by the model's tokenizer.
 fn load_corpus(args: &Args, ckpt: &Checkpoint) -> Result<Corpus> {
-    let eos = ckpt.config.eos_token_id.unwrap_or(0);
-    let specs = SourceSpec::folders_of(&args.data)?;
-    let opts = CorpusOptions {
-        seq_len: args.seq_len,
-        ..CorpusOptions::default()
-    };
-    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
+    let corpus = support::load_corpus(&args.data, ckpt, args.seq_len)?;
     println!(
         "model {} ({} layers); corpus {}: {}",
         args.model,

@@ -18,7 +18,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use modification::conversion::EvalOptions;
 use modification::sweep::{self, SweepEvent, SweepFiles, SweepSetting};
-use modification::train::{memory, Corpus, CorpusOptions, SourceSpec};
+use modification::train::memory;
 use modification::Checkpoint;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -85,13 +85,7 @@ fn main() -> Result<()> {
         plan_memory(&args, &config, dtype, &settings)?;
     }
     let ckpt = Checkpoint::load(&args.model, dtype, &device).context("loading the model")?;
-    let specs = SourceSpec::folders_of(&args.data)?;
-    let opts = CorpusOptions {
-        seq_len: args.seq_len,
-        ..CorpusOptions::default()
-    };
-    let eos = ckpt.config.eos_token_id.unwrap_or(0);
-    let corpus = Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?;
+    let corpus = support::load_corpus(&args.data, &ckpt, args.seq_len)?;
     let options = EvalOptions {
         calibration_rows: args.calibration_rows,
         prefill_tokens: args.prefill_tokens,
@@ -213,13 +207,5 @@ fn plan_memory(
         .map(|s| memory::conversion_memory(config, dtype, &s.train, args.seq_len))
         .max_by(|a, b| a.total().total_cmp(&b.total()))
         .context("no settings")?;
-    let available = memory::available_memory();
-    println!(
-        "estimated peak memory: {largest}; available: {}",
-        available.map_or("unknown".to_string(), |a| format!("{:.1} GB", a / 1e9))
-    );
-    if let (Some(available), false) = (available, args.ignore_memory_estimate) {
-        memory::check_fits(&largest, available)?;
-    }
-    Ok(())
+    support::check_memory(&largest, args.ignore_memory_estimate)
 }

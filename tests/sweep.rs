@@ -176,26 +176,26 @@ fn a_two_setting_sweep_writes_its_table_and_plot_and_resumes() {
     let info = decoder.read_info().unwrap();
     assert_eq!((info.info().width, info.info().height), (960, 600));
 
+    // Which settings a run resumes and which it trains.
+    let run_logged = |settings: &[SweepSetting]| {
+        let mut events = Vec::new();
+        let rows = sweep::run_sweep(ckpt, corpus, settings, &dir, &options(), |e| match e {
+            SweepEvent::Resumed(row) => events.push(format!("resumed {}", row.setting.name)),
+            SweepEvent::Started { setting, .. } => events.push(format!("started {}", setting.name)),
+            _ => {}
+        })
+        .unwrap();
+        (rows, events)
+    };
+
     // Run again: both settings are finished and none is trained again.
-    let mut events = Vec::new();
-    let again = sweep::run_sweep(ckpt, corpus, &settings, &dir, &options(), |e| match e {
-        SweepEvent::Resumed(row) => events.push(format!("resumed {}", row.setting.name)),
-        SweepEvent::Started { setting, .. } => events.push(format!("started {}", setting.name)),
-        _ => {}
-    })
-    .unwrap();
+    let (again, events) = run_logged(&settings);
     assert_eq!(events, ["resumed paper-recipe", "resumed threshold-p@0.9"]);
     assert_eq!(again, rows);
 
     // A setting that changed under the same name runs again; the other is kept.
     settings[0].train.seed = 7;
-    let mut events = Vec::new();
-    let third = sweep::run_sweep(ckpt, corpus, &settings, &dir, &options(), |e| match e {
-        SweepEvent::Resumed(row) => events.push(format!("resumed {}", row.setting.name)),
-        SweepEvent::Started { setting, .. } => events.push(format!("started {}", setting.name)),
-        _ => {}
-    })
-    .unwrap();
+    let (third, events) = run_logged(&settings);
     assert_eq!(events, ["started paper-recipe", "resumed threshold-p@0.9"]);
     assert_eq!(third[0].setting.train.seed, 7);
     assert_eq!(third[1], rows[1]);

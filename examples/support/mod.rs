@@ -191,3 +191,38 @@ pub fn random_checkpoint(
     ckpt.validate().context("the drawn checkpoint")?;
     Ok(ckpt)
 }
+
+/// The corpus under `data` (every sub-folder of .txt files one source), tokenized by the
+/// model's tokenizer into rows of `seq_len` tokens, documents separated by its EOS.
+pub fn load_corpus(
+    data: &std::path::Path,
+    ckpt: &modification::Checkpoint,
+    seq_len: usize,
+) -> anyhow::Result<modification::train::Corpus> {
+    use modification::train::{Corpus, CorpusOptions, SourceSpec};
+    let specs = SourceSpec::folders_of(data)?;
+    let opts = CorpusOptions {
+        seq_len,
+        ..CorpusOptions::default()
+    };
+    let eos = ckpt.config.eos_token_id.unwrap_or(0);
+    Ok(Corpus::load(&specs, &ckpt.tokenizer, eos, &opts)?)
+}
+
+/// Prints a conversion's estimated peak memory against the available memory and refuses
+/// a run that cannot fit, unless `ignore` (`--ignore-memory-estimate`).
+pub fn check_memory(
+    estimate: &modification::train::memory::MemoryEstimate,
+    ignore: bool,
+) -> anyhow::Result<()> {
+    use modification::train::memory;
+    let available = memory::available_memory();
+    println!(
+        "estimated peak memory: {estimate}; available: {}",
+        available.map_or("unknown".to_string(), |a| format!("{:.1} GB", a / 1e9))
+    );
+    if let (Some(available), false) = (available, ignore) {
+        memory::check_fits(estimate, available)?;
+    }
+    Ok(())
+}
