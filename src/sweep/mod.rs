@@ -203,9 +203,10 @@ impl SweepFiles {
 /// Runs `settings` on `ckpt` and `corpus`, in order, writing under `dir` (see
 /// [`SweepFiles`]). A setting whose `settings/<name>.json` holds a finished row for the same
 /// setting is not run again (resume); one whose file holds another setting is run and the
-/// file replaced. After every setting the row and the tables (CSV, Markdown, and the PNG
-/// plot with the `plot` feature, 960 × 600 pixels) are written atomically. Returns the rows
-/// in the order of `settings`.
+/// file replaced. After every setting it trains, the row and the tables (CSV, Markdown,
+/// and the PNG plot with the `plot` feature, 960 × 600 pixels) are written atomically;
+/// a run that trains nothing rewrites the tables once. Returns the rows in the order of
+/// `settings`.
 ///
 /// Errors: [`Error::InvalidArgument`] for no settings, a repeated name or a name that is not
 /// a plain file name; those of [`Trainer::new`] (invalid settings), training,
@@ -226,6 +227,7 @@ pub fn run_sweep(
     let original = original_perplexity(&dense, corpus)?;
     on_event(SweepEvent::Original(&original));
     let mut rows: Vec<SweepRow> = Vec::new();
+    let mut trained_any = false;
     for (index, setting) in settings.iter().enumerate() {
         if let Some(row) = finished_row(&files, setting) {
             on_event(SweepEvent::Resumed(&row));
@@ -258,9 +260,15 @@ pub fn run_sweep(
         write_row(&files, &row)?;
         rows.push(row);
         write_tables(&files, &original, &rows)?;
-        on_event(SweepEvent::Finished(rows.last().expect("just pushed")));
+        if let Some(row) = rows.last() {
+            on_event(SweepEvent::Finished(row));
+        }
+        trained_any = true;
     }
-    write_tables(&files, &original, &rows)?;
+    if !trained_any {
+        // Every setting was finished earlier: the tables may predate this build's format.
+        write_tables(&files, &original, &rows)?;
+    }
     Ok(rows)
 }
 
