@@ -55,7 +55,7 @@ fn corpus_has_five_sources_with_disjoint_heldout_rows() {
 }
 
 #[test]
-fn fresh_conversion_reproduces_the_original_perplexity_exactly() {
+fn fresh_conversion_reproduces_the_original_perplexity() {
     let ckpt = common::smollm2();
     let trainer = Trainer::new(ckpt, ModConfig::default(), small_run(1)).unwrap();
     let ids = common::moby_reference_ids();
@@ -63,7 +63,10 @@ fn fresh_conversion_reproduces_the_original_perplexity_exactly() {
         eval::routed_rows_eval(trainer.model(), std::slice::from_ref(&ids), false).unwrap();
     let dense =
         eval::dense_rows_perplexity(&Llama::from_checkpoint(ckpt).unwrap(), &[ids]).unwrap();
-    assert_eq!(routed.perplexity.nll, dense.nll);
+    // Equal up to float rounding: the routed model attends through the fused kernel, the
+    // dense reference through candle's composed ops.
+    let gap = (routed.perplexity.nll - dense.nll).abs() / dense.nll;
+    assert!(gap < 1e-6, "NLL {} against {}", routed.perplexity.nll, dense.nll);
     assert!((routed.perplexity.perplexity - 30.8813).abs() / 30.8813 < 1e-3);
     assert!(routed.kept_fraction.iter().all(|&(_, f)| f == 1.0));
     assert_eq!(routed.kv_fraction, 1.0);

@@ -28,7 +28,7 @@ fn odd_config() -> ModConfig {
 }
 
 #[test]
-fn all_gates_open_equals_dense_exactly() {
+fn all_gates_open_equals_dense() {
     let base = tiny::llama(3);
     let batch = Batch::single(&tiny::ids(20, 1), 64, &Device::Cpu).unwrap();
     let dense = base.forward(&batch).unwrap();
@@ -43,11 +43,10 @@ fn all_gates_open_equals_dense_exactly() {
             let m = tiny::mod_model(base.clone(), cfg, 0.0, 50.0);
             for mode in [Mode::Inference, Mode::Training] {
                 let out = m.forward(&batch, mode).unwrap();
-                assert_eq!(
-                    common::max_diff(&out.logits, &dense),
-                    0.0,
-                    "{scaling:?} {kv:?} {mode:?}"
-                );
+                // Within rounding: without trained weights the routed model runs the fused
+                // attention kernel, the dense reference candle's composed ops.
+                let diff = common::max_diff(&out.logits, &dense);
+                assert!(diff <= 1e-5, "{scaling:?} {kv:?} {mode:?}: {diff}");
                 assert!(out.stats.iter().all(|s| s.kept == 20 && s.valid == 20));
             }
         }

@@ -31,7 +31,7 @@ fn threshold() -> RouterKind {
 }
 
 #[test]
-fn a_conversion_that_trained_nothing_reports_the_original_exactly() {
+fn a_conversion_that_trained_nothing_reports_the_original() {
     let (ckpt, corpus) = (common::smollm2(), common::small_corpus());
     let dense = Llama::from_checkpoint(ckpt).unwrap();
     let original = original_perplexity(&dense, corpus).unwrap();
@@ -53,10 +53,12 @@ fn a_conversion_that_trained_nothing_reports_the_original_exactly() {
         assert_eq!(&source.name, name);
         let direct = eval::dense_rows_perplexity(&dense, &source.heldout).unwrap();
         assert_eq!(s.original, direct.perplexity, "{name}");
-        assert_eq!(s.ratio, 1.0, "{name}");
+        // Up to float rounding: the converted model attends through the fused kernel, the
+        // original through candle's composed ops.
+        assert!((s.ratio - 1.0).abs() < 1e-5, "{name}: {}", s.ratio);
         assert_eq!((s.skip, s.kv), (0.0, 1.0), "{name}");
     }
-    assert_eq!(r.worst_perplexity_ratio, 1.0);
+    assert!((r.worst_perplexity_ratio - 1.0).abs() < 1e-5);
     assert_eq!(r.skip_fraction, 0.0);
     // Routers add their own FLOPs (2·d per token and routed layer) to the dense model's.
     assert!(r.compute_fraction > 1.0 && r.compute_fraction < 1.001);

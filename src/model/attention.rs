@@ -2,8 +2,9 @@
 
 use super::linear::Projection;
 use super::ops::softmax_last_dim;
+use super::prefix_attention::prefix_attention;
 use super::rope::RopeAt;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
@@ -15,6 +16,42 @@ pub fn masked_value(dtype: DType) -> f64 {
         DType::F16 => -1e4,
         _ => -1e9,
     }
+}
+
+/// Which keys each query of [`Attention::attend`] sees.
+#[derive(Debug, Clone, Copy)]
+pub enum Visible<'a> {
+    /// Every key: a decode step, whose keys are all earlier and valid.
+    All,
+    /// An additive mask `(B, 1, Tq, Tk)` (see [`attention_mask`]).
+    Mask(&'a Tensor),
+    /// A prefix of each row's key slots (keys held in ascending original position, so a
+    /// causal query sees a prefix): query slot `t` of row `b` sees keys
+    /// `0..counts[b·Tq + t]`; 0 for a padding slot, whose output is zero on the fused
+    /// path and uniform over the keys on the composed one (it is dropped either way).
+    Prefix(&'a [usize]),
+}
+
+/// Whether [`Attention::attend`] runs [`Visible::Prefix`] through the fused kernel for
+/// activations like `x`: f32 on the CPU, tracking no gradient (inference).
+pub fn runs_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op()
+}
+
+/// The additive mask `(B, 1, Tq, Tk)` of [`Visible::Prefix`] `counts`, in `like`'s dtype
+/// and device.
+fn prefix_mask(counts: &[usize], b: usize, tq: usize, tk: usize, like: &Tensor) -> Result<Tensor> {
+    if counts.len() != b * tq || counts.iter().any(|&n| n > tk) {
+        return Err(Error::InvalidArgument(format!(
+            "{} visible-key counts for {b} rows of {tq} queries over {tk} keys",
+            counts.len()
+        )));
+    }
+    let masked = masked_value(like.dtype()) as f32;
+    let mask: Vec<f32> = (counts.iter())
+        .flat_map(|&n| (0..tk).map(move |j| if j < n { 0.0 } else { masked }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (b, 1, tq, tk), like.device())?.to_dtype(like.dtype())?)
 }
 
 /// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.
@@ -67,21 +104,25 @@ impl Attention {
     }
 
     /// Attention output for queries `x` `(B, Tq, d)` (normalised, rotated at `rope`'s
-    /// positions) over keys/values `k`, `v` `(B, n_kv_heads, Tk, head_dim)` with additive
-    /// `mask` `(B, 1, Tq, Tk)` (see [`attention_mask`]); `None` when every query may see
-    /// every key (a decode step: its keys are all earlier and valid), which saves building
-    /// and adding the mask. Returns `(B, Tq, d)` after `o_proj`.
+    /// positions) over keys/values `k`, `v` `(B, n_kv_heads, Tk, head_dim)`, each query
+    /// seeing the keys `visible` names. Returns `(B, Tq, d)` after `o_proj`.
     ///
     /// Grouped-query attention without copying K and V per query head: the `G` query heads
     /// that share a KV head are stacked along the query axis, `(B, n_kv, G·Tq, hd)`, so that
-    /// one batched matmul per KV head serves the whole group.
+    /// one batched product per KV head serves the whole group. [`Visible::Prefix`] on f32
+    /// CPU tensors that track no gradient runs the fused kernel of
+    /// [`prefix_attention`](super::prefix_attention::prefix_attention); everything else
+    /// runs candle's composed ops (scores, additive mask, softmax, product with V).
+    ///
+    /// Errors: [`crate::Error::InvalidArgument`] for prefix counts that do not match the
+    /// batch and keys; [`crate::Error::Candle`] for misshapen tensors.
     pub fn attend(
         &self,
         x: &Tensor,
         rope: &RopeAt,
         k: &Tensor,
         v: &Tensor,
-        mask: Option<&Tensor>,
+        visible: Visible,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (n_kv, hd) = (self.n_kv_heads, self.head_dim);
@@ -96,16 +137,27 @@ impl Attention {
         // Query head h uses KV head h / G (HF's repeat_kv order).
         let q = rope.apply(&q)?.reshape((b, n_kv, groups * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores
-                .reshape((b, n_kv, groups, t, tk))?
-                .broadcast_add(&mask.unsqueeze(1)?)?
-                .reshape((b, n_kv, groups * t, tk))?;
-        }
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(v)?
+        let fused = runs_fused(&q) && !(k.track_op() || v.track_op());
+        let out = match visible {
+            Visible::Prefix(counts) if fused => prefix_attention(&q, k, v, counts, scale as f32)?,
+            visible => {
+                let mut scores = (q.matmul(&k.t()?)? * scale)?;
+                let mask = match visible {
+                    Visible::All => None,
+                    Visible::Prefix(counts) if counts.iter().all(|&n| n == tk) => None,
+                    Visible::Mask(mask) => Some(mask.clone()),
+                    Visible::Prefix(counts) => Some(prefix_mask(counts, b, t, tk, x)?),
+                };
+                if let Some(mask) = mask {
+                    scores = scores
+                        .reshape((b, n_kv, groups, t, tk))?
+                        .broadcast_add(&mask.unsqueeze(1)?)?
+                        .reshape((b, n_kv, groups * t, tk))?;
+                }
+                softmax_last_dim(&scores)?.matmul(v)?
+            }
+        };
+        let out = out
             .reshape((b, self.n_heads, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, d))?;
@@ -135,7 +187,7 @@ impl Attention {
     /// Self-attention of a token set on itself: `x` `(B, T, d)` normalised. `(B, T, d)`.
     pub fn forward(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
         let (k, v) = self.key_values(x, rope)?;
-        self.attend(x, rope, &k, &v, Some(mask))
+        self.attend(x, rope, &k, &v, Visible::Mask(mask))
     }
 }
 

@@ -1,6 +1,6 @@
 //! One pre-norm LLaMA decoder layer.
 
-use super::attention::Attention;
+use super::attention::{Attention, Visible};
 use super::linear::Projection;
 use super::lora::LoraConfig;
 use super::mlp::Mlp;
@@ -100,13 +100,13 @@ impl Block {
     pub fn delta(&self, x: &Tensor, rope: &RopeAt, mask: &Tensor) -> Result<Tensor> {
         let normed = self.normed_input(x)?;
         let (k, v) = self.attn.key_values(&normed, rope)?;
-        self.delta_with_kv(x, &normed, rope, &k, &v, Some(mask))
+        self.delta_with_kv(x, &normed, rope, &k, &v, Visible::Mask(mask))
     }
 
     /// As [`delta`](Self::delta), for queries `x` (`(B, Tq, d)`, normalised: `normed`) over
-    /// given keys/values `(B, n_kv, Tk, hd)` with mask `(B, 1, Tq, Tk)` (`None`: every query
-    /// sees every key, see [`Attention::attend`]): the form a KV cache or the `Keep` policy
-    /// (skipped tokens still write K/V) needs.
+    /// given keys/values `(B, n_kv, Tk, hd)`, each query seeing the keys `visible` names
+    /// (see [`Attention::attend`]): the form a KV cache or the `Keep` policy (skipped
+    /// tokens still write K/V) needs.
     pub fn delta_with_kv(
         &self,
         x: &Tensor,
@@ -114,9 +114,9 @@ impl Block {
         rope: &RopeAt,
         k: &Tensor,
         v: &Tensor,
-        mask: Option<&Tensor>,
+        visible: Visible,
     ) -> Result<Tensor> {
-        let a = self.attn.attend(normed, rope, k, v, mask)?;
+        let a = self.attn.attend(normed, rope, k, v, visible)?;
         let h = (x + &a)?;
         let m = self
             .mlp

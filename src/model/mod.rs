@@ -15,10 +15,11 @@ pub mod llama;
 pub mod lora;
 pub mod mlp;
 pub mod ops;
+pub mod prefix_attention;
 mod qgemv;
 pub mod rope;
 
-pub use attention::{attention_mask, Attention};
+pub use attention::{attention_mask, Attention, Visible};
 pub use batch::Batch;
 pub use block::Block;
 pub use linear::Projection;
