@@ -1,6 +1,6 @@
 //! One SmolLM2-sized layer (d 576, 9 heads, 3 KV heads, FFN 1536), batch 1, seq 1024:
 //! dense vs routed at kept fractions 1.0, 0.5 and 0.25, threshold-p and top-k, Skip KV
-//! policy, inference mode (the sparse path). The routed time includes the router, the
+//! policy, inference mode (the sparse path), all on the same engine. The routed time includes the router, the
 //! selection (one host copy), gather and scatter.
 //!
 //! The model around the layer is a 1-layer decoder with a 16-token vocabulary, so that
@@ -104,8 +104,11 @@ fn bench(c: &mut Criterion) {
     let batch = Batch::single(&ids, 2048, &Device::Cpu).unwrap();
     let mut group = c.benchmark_group("layer_seq1024");
     group.sample_size(10);
+    // The dense layer on the same engine as the routed ones (the fused attention kernel);
+    // `Llama::forward`, the reference path, materialises the masked (T, T) scores.
+    let dense = ModModel::dense(base.clone()).unwrap();
     group.bench_function("dense", |b| {
-        b.iter(|| black_box(base.forward(&batch).unwrap()))
+        b.iter(|| black_box(dense.forward(&batch, Mode::Inference).unwrap()))
     });
     for kept in [1.0, 0.5, 0.25] {
         let thr = routed(
