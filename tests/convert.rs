@@ -66,7 +66,12 @@ fn fresh_conversion_reproduces_the_original_perplexity() {
     // Equal up to float rounding: the routed model attends through the fused kernel, the
     // dense reference through candle's composed ops.
     let gap = (routed.perplexity.nll - dense.nll).abs() / dense.nll;
-    assert!(gap < 1e-6, "NLL {} against {}", routed.perplexity.nll, dense.nll);
+    assert!(
+        gap < 1e-6,
+        "NLL {} against {}",
+        routed.perplexity.nll,
+        dense.nll
+    );
     assert!((routed.perplexity.perplexity - 30.8813).abs() / 30.8813 < 1e-3);
     assert!(routed.kept_fraction.iter().all(|&(_, f)| f == 1.0));
     assert_eq!(routed.kv_fraction, 1.0);

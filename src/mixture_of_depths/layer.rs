@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::model::attention::runs_fused;
 use crate::model::flops::layer_flops;
 use crate::model::kv_cache::{KvCache, LayerKeys};
-use crate::model::{Batch, Block, RotaryEmbedding, Visible};
+use crate::model::{attention_mask, Batch, Block, RotaryEmbedding, Visible};
 use crate::routing::{Dispatch, Selection};
 use candle_core::{DType, IndexOp, Tensor};
 
@@ -117,28 +117,32 @@ pub(super) fn sparse_layer(
     };
     let (xq, normed_q) = (dq.gather(x)?, dq.gather(&normed)?);
     let q_positions = absolute_positions(tokens.queries, batch);
-    // The fused kernel needs no mask and no score tensor: one call for every query.
-    let chunk = match tokens.keys {
-        Keys::Causal if runs_fused(&xq) => dq.width(),
-        _ => QUERY_CHUNK,
-    };
+    // The fused kernel (CPU inference) needs no mask and no score tensor: one call for
+    // every query. Elsewhere the mask is built on the device, chunk by chunk.
+    let fused = matches!(tokens.keys, Keys::Causal) && runs_fused(&xq);
+    let chunk = if fused { dq.width() } else { QUERY_CHUNK };
     let mut deltas = Vec::new();
     for start in (0..dq.width()).step_by(chunk) {
         let n = chunk.min(dq.width() - start);
         // Keys past the chunk's last query position are masked for all of it: skip them.
         let limit = key_limit(&q_positions, &keys.row_positions, start, n).max(1);
+        let pos_c = pos_q.narrow(1, start, n)?;
+        let (pos_k, valid_k) = (
+            keys.positions.narrow(1, 0, limit)?,
+            keys.valid.narrow(1, 0, limit)?,
+        );
         let (counts, mask);
         let visible = match &kept_k {
-            None => {
+            None if fused => {
                 counts = visible_counts(&q_positions, &keys.row_positions, start, n);
                 Visible::Prefix(&counts)
             }
+            None if sees_every_key(&q_positions, &keys, start, limit) => Visible::All,
+            None => {
+                mask = attention_mask(&pos_c, &pos_k, &valid_k, dtype)?;
+                Visible::Mask(&mask)
+            }
             Some(kept) => {
-                let pos_c = pos_q.narrow(1, start, n)?;
-                let (pos_k, valid_k) = (
-                    keys.positions.narrow(1, 0, limit)?,
-                    keys.valid.narrow(1, 0, limit)?,
-                );
                 let kept = kept.narrow(1, 0, limit)?;
                 mask = kept_or_self_mask(&pos_c, &pos_k, &valid_k, &kept, dtype)?;
                 Visible::Mask(&mask)
@@ -147,7 +151,7 @@ pub(super) fn sparse_layer(
         deltas.push(layer.delta_with_kv(
             &xq.narrow(1, start, n)?,
             &normed_q.narrow(1, start, n)?,
-            &rope.at(&pos_q.narrow(1, start, n)?, dtype)?,
+            &rope.at(&pos_c, dtype)?,
             &keys.k.narrow(2, 0, limit)?,
             &keys.v.narrow(2, 0, limit)?,
             visible,
@@ -190,6 +194,20 @@ fn key_limit(queries: &[Vec<u32>], keys: &[Vec<u32>], start: usize, n: usize) ->
         })
         .max()
         .unwrap_or(0)
+}
+
+/// Whether every query slot `start..` of every row may see all of the first `limit` key
+/// slots, so that no mask is needed: each row's `limit` keys are valid (no padding) and no
+/// later than the row's first query of the chunk. True for a decode step (one query after
+/// its cached keys); false for a causal prompt of more than one token.
+fn sees_every_key(queries: &[Vec<u32>], keys: &LayerKeys, start: usize, limit: usize) -> bool {
+    (queries.iter().zip(&keys.row_positions)).all(|(q, k)| {
+        let Some(&first) = q.get(start) else {
+            // No query in this chunk: the row's slots are padding, whose update is dropped.
+            return true;
+        };
+        k.len() >= limit && k.get(limit - 1).is_none_or(|&last| last <= first)
+    })
 }
 
 /// For query slots `start..start + n` of every row, how many of the row's leading key
