@@ -215,3 +215,83 @@ fn attention_layer_agrees_on_the_fused_and_composed_paths() {
         "the last query differs from unmasked attention by {diff}"
     );
 }
+
+/// `softmax(q·Kᵀ·scale + mask)·V` from candle's composed, differentiable ops: `q`
+/// `(B, n_kv, G·Tq, hd)`, query slot t of row b seeing keys `0..visible[b·Tq + t]`; a slot
+/// that sees no key gets a zero output, as from the kernel.
+fn composed(q: &Tensor, k: &Tensor, v: &Tensor, visible: &[usize], scale: f64) -> Tensor {
+    let (b, n_kv, gq, _) = q.dims4().unwrap();
+    let tk = k.dim(2).unwrap();
+    let tq = visible.len() / b;
+    let mask: Vec<f32> = (visible.iter())
+        .flat_map(|&n| (0..tk).map(move |j| if j < n { 0.0 } else { -1e9 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, 1, 1, tq, tk), q.device()).unwrap();
+    let seen: Vec<f32> = visible.iter().map(|&n| f32::from(n > 0)).collect();
+    let seen = Tensor::from_vec(seen, (b, 1, 1, tq, 1), q.device()).unwrap();
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .reshape((b, n_kv, gq / tq, tq, tk))
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+    let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)
+        .unwrap()
+        .broadcast_mul(&seen)
+        .unwrap()
+        .reshape((b, n_kv, gq, tk))
+        .unwrap();
+    probs.matmul(v).unwrap()
+}
+
+#[test]
+fn prefix_attention_gradients_equal_the_composed_ops() {
+    let dev = Device::Cpu;
+    // (rows, KV heads, G, Tq, Tk, hd, counts): causal GQA; routed counts with padding.
+    let cases = [
+        (1, 3, 3, 7, 7, 64, causal(1, 7, 0)),
+        (2, 2, 2, 6, 9, 40, vec![1, 3, 4, 4, 7, 9, 2, 2, 5, 6, 0, 0]),
+        (1, 1, 1, 1, 5, 16, vec![5]),
+    ];
+    for (b, n_kv, g, tq, tk, hd, visible) in cases {
+        let what = format!("B {b}, KV heads {n_kv}, G {g}, Tq {tq}, Tk {tk}, hd {hd}");
+        let gq = g * tq;
+        let var = |shape: (usize, usize, usize, usize), seed| {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            candle_core::Var::from_tensor(&Tensor::from_vec(data(n, seed), shape, &dev).unwrap())
+                .unwrap()
+        };
+        let (q, k, v) = (
+            var((b, n_kv, gq, hd), 1),
+            var((b, n_kv, tk, hd), 2),
+            var((b, n_kv, tk, hd), 3),
+        );
+        // A weighted sum, so that every output element has its own gradient.
+        let weights =
+            Tensor::from_vec(data(b * n_kv * gq * hd, 4), (b, n_kv, gq, hd), &dev).unwrap();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let grads = |out: Tensor| {
+            let g = (out * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            [&q, &k, &v].map(|x| g.get(x.as_tensor()).unwrap().clone())
+        };
+        let fused = grads(prefix_attention(&q, &k, &v, &visible, scale as f32).unwrap());
+        let want = grads(composed(&q, &k, &v, &visible, scale));
+        for ((got, want), name) in fused.iter().zip(&want).zip(["q", "k", "v"]) {
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let top = want.iter().fold(0f32, |m, w| m.max(w.abs()));
+            assert!(top > 0.0, "{what}: d{name} is all zero");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{what}: d{name}[{i}] is {g}, want {w}"
+                );
+            }
+        }
+    }
+}

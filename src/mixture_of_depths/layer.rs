@@ -117,7 +117,7 @@ pub(super) fn sparse_layer(
     };
     let (xq, normed_q) = (dq.gather(x)?, dq.gather(&normed)?);
     let q_positions = absolute_positions(tokens.queries, batch);
-    // The fused kernel (CPU inference) needs no mask and no score tensor: one call for
+    // The fused kernel (CPU, f32) needs no mask and no score tensor: one call for
     // every query. Elsewhere the mask is built on the device, chunk by chunk.
     let fused = matches!(tokens.keys, Keys::Causal) && runs_fused(&xq);
     let chunk = if fused { dq.width() } else { QUERY_CHUNK };

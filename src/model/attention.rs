@@ -33,9 +33,10 @@ pub enum Visible<'a> {
 }
 
 /// Whether [`Attention::attend`] runs [`Visible::Prefix`] through the fused kernel for
-/// activations like `x`: f32 on the CPU, tracking no gradient (inference).
+/// activations like `x`: f32 on the CPU (in inference and in training; the kernel has a
+/// backward).
 pub fn runs_fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op()
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// The additive mask `(B, 1, Tq, Tk)` of [`Visible::Prefix`] `counts`, in `like`'s dtype
@@ -110,9 +111,10 @@ impl Attention {
     /// Grouped-query attention without copying K and V per query head: the `G` query heads
     /// that share a KV head are stacked along the query axis, `(B, n_kv, G·Tq, hd)`, so that
     /// one batched product per KV head serves the whole group. [`Visible::Prefix`] on f32
-    /// CPU tensors that track no gradient runs the fused kernel of
-    /// [`prefix_attention`](super::prefix_attention::prefix_attention); everything else
-    /// runs candle's composed ops (scores, additive mask, softmax, product with V).
+    /// CPU tensors runs the fused kernel of
+    /// [`prefix_attention`](super::prefix_attention::prefix_attention) (with a backward);
+    /// everything else runs candle's composed ops (scores, additive mask, softmax,
+    /// product with V).
     ///
     /// Errors: [`crate::Error::InvalidArgument`] for prefix counts that do not match the
     /// batch and keys; [`crate::Error::Candle`] for misshapen tensors.
@@ -137,7 +139,7 @@ impl Attention {
         // Query head h uses KV head h / G (HF's repeat_kv order).
         let q = rope.apply(&q)?.reshape((b, n_kv, groups * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let fused = runs_fused(&q) && !(k.track_op() || v.track_op());
+        let fused = runs_fused(&q);
         let out = match visible {
             Visible::Prefix(counts) if fused => prefix_attention(&q, k, v, counts, scale as f32)?,
             visible => {

@@ -8,11 +8,12 @@
 //! touched, and the exponential is a vectorised polynomial instead of scalar `expf`
 //! (what the composed candle ops spent about a third of a prefill on).
 //!
-//! Inference only: the op has no backward. Training and non-CPU devices build the
-//! equivalent additive mask and run the composed ops ([`super::attention::Visible`]).
+//! Its backward recomputes the probabilities and applies the softmax Jacobian with candle
+//! ops, so training runs the same forward. Non-CPU devices build the equivalent additive
+//! mask and run the composed ops ([`super::attention::Visible`]).
 
 use crate::error::{Error, Result};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Keys per block of the score loop: four 16-lane vectors of independent sums.
@@ -67,7 +68,7 @@ pub fn prefix_attention(
         tq,
         scale,
     };
-    Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?)
+    Ok(q.contiguous()?.apply_op3(k, v, op)?)
 }
 
 struct PrefixAttention {
@@ -161,6 +162,48 @@ impl CustomOp3 for PrefixAttention {
             });
         });
         Ok((CpuStorage::F32(out), Shape::from((b, n_kv, gq, hd))))
+    }
+
+    /// Gradients of `q`, `k` and `v` from the output's gradient `dO`, with the
+    /// probabilities `P` recomputed (the forward keeps no `(Tq, Tk)` tensor):
+    /// `dV = Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS·K·scale`,
+    /// `dK = dSᵀ·Q·scale` (the softmax Jacobian; Dao et al. 2022, FlashAttention, eq. in
+    /// its appendix B.2). Built from candle ops on detached tensors.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n_kv, gq, _) = q.dims4()?;
+        let tk = k.dim(2)?;
+        let (tq, groups) = (self.tq, gq / self.tq);
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (out, grad) = (out.detach(), grad.detach().contiguous()?);
+        // The additive prefix mask, and which query slots see any key at all (a padding
+        // slot sees none: its output is zero, and so are its probabilities here).
+        let masked = super::attention::masked_value(DType::F32) as f32;
+        let mask: Vec<f32> = (self.visible.iter())
+            .flat_map(|&n| (0..tk).map(move |j| if j < n { 0.0 } else { masked }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, tq, tk), q.device())?;
+        let seen: Vec<f32> = (self.visible.iter()).map(|&n| f32::from(n > 0)).collect();
+        let seen = Tensor::from_vec(seen, (b, 1, 1, tq, 1), q.device())?;
+        let scores = (q.matmul(&k.t()?)? * self.scale as f64)?
+            .reshape((b, n_kv, groups, tq, tk))?
+            .broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?
+            .broadcast_mul(&seen)?
+            .reshape((b, n_kv, gq, tk))?;
+        let dv = probs.t()?.matmul(&grad)?;
+        let dp = grad.matmul(&v.t()?)?;
+        let row = (&grad * &out)?.sum_keepdim(3)?;
+        let ds = (probs * dp.broadcast_sub(&row)?)?;
+        let dq = (ds.matmul(&k.contiguous()?)? * self.scale as f64)?;
+        let dk = (ds.t()?.matmul(&q)? * self.scale as f64)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
