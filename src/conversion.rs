@@ -257,21 +257,24 @@ pub fn prefill_input(corpus: &Corpus, tokens: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Median prefill time of `converted` over `dense`'s on `ids` (one row): same process,
-/// five interleaved repetitions after a warm-up of each, alternating which runs first so
-/// that neither always gets the warmer caches.
+/// Median prefill time of `converted` over `dense`'s on `ids` (one row), both on the same
+/// engine (the original as a [`ModModel`] with every layer dense, not the reference
+/// [`Llama::forward`], whose attention materialises the masked `(T, T)` scores): same
+/// process, five interleaved repetitions after a warm-up of each, alternating which runs
+/// first so that neither always gets the warmer caches.
 ///
 /// Errors: [`Error::SequenceTooLong`] beyond the model's context; forward errors.
 pub fn prefill_time_ratio(dense: &Llama, converted: &ModModel, ids: &[u32]) -> Result<f64> {
     let batch = Batch::single(ids, dense.config().max_position_embeddings, dense.device())?;
+    let dense = ModModel::dense(dense.clone())?;
     let (mut t_dense, mut t_mod) = (Vec::new(), Vec::new());
-    dense.forward(&batch)?; // warm-up: first-touch allocations
+    dense.forward_causal(&batch, Mode::Inference)?; // warm-up: first-touch allocations
     converted.forward_causal(&batch, Mode::Inference)?;
     for rep in 0..5 {
         for dense_first in [rep % 2 == 0, rep % 2 != 0] {
             let t = Instant::now();
             if dense_first {
-                dense.forward(&batch)?;
+                dense.forward_causal(&batch, Mode::Inference)?;
                 t_dense.push(t.elapsed().as_secs_f64());
             } else {
                 converted.forward_causal(&batch, Mode::Inference)?;
