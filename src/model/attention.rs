@@ -112,7 +112,7 @@ impl Attention {
     /// that share a KV head are stacked along the query axis, `(B, n_kv, G·Tq, hd)`, so that
     /// one batched product per KV head serves the whole group. [`Visible::Prefix`] on f32
     /// CPU tensors runs the fused kernel of
-    /// [`prefix_attention`](super::prefix_attention::prefix_attention) (with a backward);
+    /// [`prefix_attention`] (with a backward);
     /// everything else runs candle's composed ops (scores, additive mask, softmax,
     /// product with V).
     ///

@@ -1,4 +1,4 @@
-//! Attention of each query over a prefix of its row's keys, fused for inference on the CPU.
+//! Attention of each query over a prefix of its row's keys, fused on the CPU.
 //!
 //! A query of a (routed or dense) causal layer sees exactly the keys of its row whose
 //! original position is not later than its own. Keys are held in ascending position, so
@@ -6,7 +6,7 @@
 //! query. This kernel computes `softmax(q·Kᵀ · scale) · V` over that prefix for each query
 //! in one pass: no `(Tq, Tk)` score or mask tensor is built, masked keys are never
 //! touched, and the exponential is a vectorised polynomial instead of scalar `expf`
-//! (what the composed candle ops spent about a third of a prefill on).
+//! (the composed candle ops spent 40% of a 512-token prefill on attention).
 //!
 //! Its backward recomputes the probabilities and applies the softmax Jacobian with candle
 //! ops, so training runs the same forward. Non-CPU devices build the equivalent additive
@@ -35,8 +35,9 @@ const QUERY_TASK: usize = 36;
 ///
 /// Returns `(B, n_kv, G·Tq, hd)` f32, as `softmax(..)·V` of the composed path.
 ///
-/// Errors: [`Error::InvalidArgument`] for another dtype or device than f32 on the CPU,
-/// mismatched shapes, a count above `Tk`, or `G·Tq` not a multiple of `Tq`.
+/// Errors: [`Error::InvalidArgument`] for mismatched shapes, a count above `Tk`, or `G·Tq`
+/// not a multiple of `Tq`; [`Error::Candle`] for a dtype other than f32, a device other
+/// than the CPU, or keys whose rows of `hd` values are not contiguous.
 pub fn prefix_attention(
     q: &Tensor,
     k: &Tensor,
