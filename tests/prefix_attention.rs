@@ -3,6 +3,8 @@
 //! and the attention layer gives the same output through it as through candle's composed
 //! ops with the equivalent additive mask.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use modification::model::prefix_attention::prefix_attention;
@@ -181,14 +183,7 @@ fn attention_layer_agrees_on_the_fused_and_composed_paths() {
     )
     .unwrap();
     let composed = attn.attend(&x, &at, &k, &v, Visible::Mask(&mask)).unwrap();
-    let diff: f32 = (&fused - &composed)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = common::max_diff(&fused, &composed);
     assert!(diff < 1e-5, "fused and composed attention differ by {diff}");
     // The last query sees every key: the same as no mask at all.
     let last = attn
@@ -202,14 +197,7 @@ fn attention_layer_agrees_on_the_fused_and_composed_paths() {
             Visible::All,
         )
         .unwrap();
-    let diff: f32 = (&fused.i((.., t - 1..)).unwrap() - &last)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = common::max_diff(&fused.i((.., t - 1..)).unwrap(), &last);
     assert!(
         diff < 1e-5,
         "the last query differs from unmasked attention by {diff}"
