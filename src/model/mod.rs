@@ -18,6 +18,8 @@ pub mod ops;
 pub mod prefix_attention;
 mod qgemv;
 pub mod rope;
+pub mod token_losses;
+mod vector_math;
 
 pub use attention::{attention_mask, Attention, Visible};
 pub use batch::Batch;
