@@ -2,9 +2,10 @@
 //!
 //! Composed from candle ops, a log-softmax, the target's pick and the KL to a teacher are
 //! a dozen passes over a `(tokens, 49 k)` tensor forward and as many backward, each into a
-//! fresh buffer: about 2.5 s of a 7 s training step of SmolLM2. Here the forward reads each
-//! row once per pass it needs (maximum, sum of exponentials, KL) and keeps nothing, and
-//! the backward writes the logits' gradient in one pass per row:
+//! fresh buffer: with the `lm_head` products, 3.1 s of a 7 s LoRA + KL training step of
+//! SmolLM2 (1.7 s fused). Here the forward reads each row once per reduction it needs
+//! (maximum, sum of exponentials, the KL's weighted sum) and keeps nothing, and the
+//! backward writes the logits' gradient in one pass per row:
 //! `dL/ds = g_nll · (p_s − onehot(target)) + g_kl · (p_s − p_t)`.
 
 use super::vector_math::{exp, lane_max, sum_exp, LANES};
