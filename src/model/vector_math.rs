@@ -1,6 +1,6 @@
-//! Branch-free `exp`, maximum, sum and multiply-add written so that a loop of them vectorises at the
-//! width its caller is compiled for (the fused kernels call them from functions compiled
-//! with AVX-512 or AVX2 enabled).
+//! Branch-free `exp`, maximum, sum and multiply-add, written so that a loop of them
+//! vectorises at the width its caller is compiled for (the fused kernels call them from
+//! functions compiled with AVX-512 or AVX2 enabled).
 
 /// Partial results kept per lane by [`lane_max`] and [`lane_sum`], so that the loops
 /// vectorise (a single running value would be a serial chain).
@@ -62,7 +62,7 @@ pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `eˣ` for `x ≤ 0` (a score minus its row's maximum), within 2e-7 relative of `expf`:
+/// `eˣ` for `x ≤ 0` (a score minus its row's maximum), within 3e-7 relative of `expf`:
 /// `2ⁿ · eʳ` with `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and `eʳ` by its degree-6 Taylor
 /// polynomial. Branch-free, so a loop of it vectorises. Below -87 it returns `e⁻⁸⁷`
 /// (about 1.6e-38), which is 0 against the row's largest term `e⁰ = 1`.
