@@ -123,9 +123,9 @@ struct Args {
     /// Run even when the estimated peak memory exceeds the available memory.
     #[arg(long)]
     ignore_memory_estimate: bool,
-    /// Optimisation steps (96 × 4 × 256 tokens fit the 15-minute budget on 2 cores: 13.8
-    /// minutes measured).
-    #[arg(long, default_value_t = 96)]
+    /// Optimisation steps (80 × 4 × 256 tokens fit the 15-minute budget on 2 cores with a
+    /// margin; 96 took 13.8 and 15.3 minutes in two runs).
+    #[arg(long, default_value_t = 80)]
     steps: usize,
     /// Rows per step.
     #[arg(long, default_value_t = 4)]
