@@ -48,11 +48,16 @@ fn prefix_mask(counts: &[usize], b: usize, tq: usize, tk: usize, like: &Tensor) 
             counts.len()
         )));
     }
-    let masked = masked_value(like.dtype()) as f32;
-    let mask: Vec<f32> = (counts.iter())
-        .flat_map(|&n| (0..tk).map(move |j| if j < n { 0.0 } else { masked }))
-        .collect();
+    let mask = prefix_mask_values(counts, tk, masked_value(like.dtype()) as f32);
     Ok(Tensor::from_vec(mask, (b, 1, tq, tk), like.device())?.to_dtype(like.dtype())?)
+}
+
+/// The additive mask of prefix `counts` over `tk` key slots, row-major `(counts, tk)`: 0
+/// for the first `counts[i]` slots of row i, `masked` after them.
+pub(super) fn prefix_mask_values(counts: &[usize], tk: usize, masked: f32) -> Vec<f32> {
+    (counts.iter())
+        .flat_map(|&n| (0..tk).map(move |j| if j < n { 0.0 } else { masked }))
+        .collect()
 }
 
 /// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.

@@ -12,6 +12,7 @@
 //! ops, so training runs the same forward. Non-CPU devices build the equivalent additive
 //! mask and run the composed ops ([`super::attention::Visible`]).
 
+use super::attention::{masked_value, prefix_mask_values};
 use super::vector_math::{exp, lane_max, lane_sum, madd};
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
@@ -186,10 +187,8 @@ impl CustomOp3 for PrefixAttention {
         let (out, grad) = (out.detach(), grad.detach().contiguous()?);
         // The additive prefix mask, and which query slots see any key at all (a padding
         // slot sees none: its output is zero, and so are its probabilities here).
-        let masked = super::attention::masked_value(DType::F32) as f32;
-        let mask: Vec<f32> = (self.visible.iter())
-            .flat_map(|&n| (0..tk).map(move |j| if j < n { 0.0 } else { masked }))
-            .collect();
+        let masked = masked_value(DType::F32) as f32;
+        let mask = prefix_mask_values(&self.visible, tk, masked);
         let mask = Tensor::from_vec(mask, (b, 1, 1, tq, tk), q.device())?;
         let seen: Vec<f32> = (self.visible.iter()).map(|&n| f32::from(n > 0)).collect();
         let seen = Tensor::from_vec(seen, (b, 1, 1, tq, 1), q.device())?;
