@@ -1,6 +1,7 @@
 //! Losses: next-token cross-entropy over real tokens.
 
 use crate::error::Result;
+use crate::model::fused::runs_fused;
 use crate::model::ops::log_softmax_last_dim;
 use crate::model::token_losses::token_losses;
 use candle_core::{DType, Tensor, D};
@@ -160,7 +161,7 @@ pub fn chunked_objective(
         let w_nll = Tensor::from_slice(&nll_weight[start..start + len], len, device)?;
         let w_kl = Tensor::from_slice(&valid_v[start..start + len], len, device)?;
         let targets = &targets[start..start + len];
-        let (nll, kl) = if device.is_cpu() && logits_s.dtype() == DType::F32 {
+        let (nll, kl) = if runs_fused(&logits_s) {
             // One fused pass per row instead of a dozen composed ones (see token_losses).
             let per = token_losses(&logits_s, logits_t.as_ref(), targets)?;
             (

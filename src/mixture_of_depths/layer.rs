@@ -17,8 +17,8 @@
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::model::attention::runs_fused;
 use crate::model::flops::layer_flops;
+use crate::model::fused::runs_fused;
 use crate::model::kv_cache::{KvCache, LayerKeys};
 use crate::model::{attention_mask, Batch, Block, RotaryEmbedding, Visible};
 use crate::routing::{Dispatch, Selection};

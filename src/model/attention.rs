@@ -1,5 +1,6 @@
 //! Grouped-query causal self-attention over an arbitrary token set (Ainslie et al. 2023).
 
+use super::fused::runs_fused;
 use super::linear::Projection;
 use super::ops::softmax_last_dim;
 use super::prefix_attention::prefix_attention;
@@ -30,13 +31,6 @@ pub enum Visible<'a> {
     /// `0..counts[b·Tq + t]`; 0 for a padding slot, whose output is zero on the fused
     /// path and uniform over the keys on the composed one (it is dropped either way).
     Prefix(&'a [usize]),
-}
-
-/// Whether [`Attention::attend`] runs [`Visible::Prefix`] through the fused kernel for
-/// activations like `x`: f32 on the CPU (in inference and in training; the kernel has a
-/// backward).
-pub fn runs_fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// The additive mask `(B, 1, Tq, Tk)` of [`Visible::Prefix`] `counts`, in `like`'s dtype

@@ -44,8 +44,8 @@ impl Mlp {
 
     /// `x`: `(B, T, d)` -> `(B, T, d)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = crate::model::ops::silu(&self.gate_proj.forward(x)?)?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&super::ops::swiglu(&gate, &up)?)
     }
 }

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod batch;
 pub mod block;
 pub mod flops;
+pub mod fused;
 mod gemv;
 pub mod kv_cache;
 pub mod linear;

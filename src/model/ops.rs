@@ -1,19 +1,26 @@
 //! Differentiable building blocks with fused fast paths.
 //!
 //! candle 0.11's fused `rms_norm` and `softmax_last_dim` record no backward pass, so a
-//! model trained through them silently gets no gradient. Each function here uses the fused
-//! kernel only when no operand tracks gradients (inference), and otherwise a version
+//! model trained through them silently gets no gradient. Each function here uses candle's
+//! fused kernel when no operand tracks gradients (inference); in training, our fused CPU
+//! kernels with a backward ([`super::fused`]) for f32 on the CPU, and elsewhere a version
 //! composed of primitive tensor ops, each of which has a backward.
 
+use super::fused::{self, runs_fused};
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`, computed in f32
-/// for f16/bf16 inputs (Zhang & Sennrich 2019).
+/// for f16/bf16 inputs (Zhang & Sennrich 2019, eq. 4).
 ///
 /// `x`: `(..., d)`; `weight`: `(d,)`. Returns the shape and dtype of `x`.
+///
+/// Errors: [`crate::Error::Candle`] when `weight` is not `(d,)`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if x.track_op() || weight.track_op() {
+        if runs_fused(x) {
+            return fused::rms_norm(x, weight, eps);
+        }
         Ok(candle_nn::ops::rms_norm_slow(x, weight, eps as f32)?)
     } else {
         Ok(candle_nn::ops::rms_norm(
@@ -41,7 +48,16 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     )?)
 }
 
-/// SiLU (swish): `x * sigmoid(x)`. Shape and dtype of `x`.
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::silu(x)?)
+/// SwiGLU's gating, `silu(gate) ⊙ up` with `silu(a) = a · σ(a)` (Shazeer 2020, eq. 6):
+/// one fused pass on f32 CPU tensors (with a backward), candle's composed ops elsewhere.
+///
+/// `gate`, `up`: the same shape and dtype. Returns that shape.
+///
+/// Errors: [`crate::Error::InvalidArgument`] / [`crate::Error::Candle`] when the shapes
+/// differ.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if runs_fused(gate) {
+        return fused::swiglu(gate, up);
+    }
+    Ok((candle_nn::ops::silu(gate)? * up)?)
 }

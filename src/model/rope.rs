@@ -80,8 +80,9 @@ impl RotaryEmbedding {
 
 impl RopeAt {
     /// Rotates `x` (`(B, H, T, head_dim)`): `x · cos + rotate_half(x) · sin`. Inference
-    /// (no gradient tracked) runs candle's fused kernel, one pass; training runs the
-    /// differentiable composition of the same formula.
+    /// (no gradient tracked) runs candle's fused kernel, one pass; training runs our fused
+    /// kernel with a backward on f32 CPU tensors ([`super::fused::rope`]) and the
+    /// differentiable composition of the same formula elsewhere.
     ///
     /// Errors: [`Error::Candle`] when `x`'s batch, length or width differ from the tables'.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
@@ -91,6 +92,9 @@ impl RopeAt {
                 &self.cos,
                 &self.sin,
             )?);
+        }
+        if super::fused::runs_fused(x) {
+            return super::fused::rope(x, &self.cos, &self.sin);
         }
         let d = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
