@@ -20,7 +20,7 @@ impl Trainer {
     /// Errors: [`Error::Io`] / [`Error::Candle`] when writing fails (an existing `dir` is
     /// then left as it was).
     pub fn save_state(&self, dir: &Path, corpus: &Corpus) -> Result<()> {
-        let mut tensors = self.opt.state();
+        let mut tensors = self.opt.state()?;
         for (name, t) in self.trained_tensors() {
             tensors.insert(format!("param.{name}"), t);
         }
