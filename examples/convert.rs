@@ -24,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use modification::conversion::{self, ConversionReport, EvalOptions};
 use modification::mixture_of_depths::{GateInput, KvPolicy, LayerRule, RoutedLayers, RouterKind};
 use modification::model::LoraConfig;
-use modification::train::{memory, Corpus, TrainConfig, Trainable, Trainer};
+use modification::train::{memory, Corpus, Objective, TrainConfig, Trainable, Trainer};
 use modification::{Checkpoint, Llama, ModConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -444,9 +444,13 @@ fn print_report(
             );
         }
     }
-    if matches!(train_config.trainable, Trainable::All) {
+    // Under the LM loss, training the base also fits it to the corpus; under the KL alone
+    // the target stays the original's own distribution.
+    let fits_corpus = !matches!(train_config.objective, Objective::Kl);
+    if matches!(train_config.trainable, Trainable::All) && fits_corpus {
         println!(
-            "NOTE: --train all also adapts the model to the corpus; compare with --dense-baseline"
+            "NOTE: --train all with an LM loss also adapts the model to the corpus; compare \
+             with --dense-baseline"
         );
     }
     println!(

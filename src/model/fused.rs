@@ -33,8 +33,7 @@ pub fn runs_fused(x: &Tensor) -> bool {
 /// and dtype of `x`.
 ///
 /// Errors: [`Error::InvalidArgument`] when `weight` is not `(d,)`, `d` is 0, or the dtypes
-/// differ;
-/// [`Error::Candle`] for another dtype or device.
+/// differ; [`Error::Candle`] for another dtype or device.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let d = x.dims().last().copied().unwrap_or(0);
     if d == 0 || weight.dims() != [d] || weight.dtype() != x.dtype() {
@@ -50,7 +49,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .apply_op2(&weight.contiguous()?, RmsNorm { eps })?)
 }
 
-/// SwiGLU's gating, `silu(gate) ⊙ up` with `silu(a) = a · σ(a)` (Shazeer 2020, eq. 6),
+/// SwiGLU's gating, `silu(gate) ⊙ up` with `silu(a) = a · σ(a)` (Shazeer 2020, "GLU
+/// Variants Improve Transformer", FFN_SwiGLU),
 /// with a backward for both operands.
 ///
 /// `gate`, `up`: the same shape, both f32 or both f64, on the CPU. Returns that shape.
@@ -78,8 +78,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// or all f64, on the CPU. Returns `(B, H, T, hd)`.
 ///
 /// Errors: [`Error::InvalidArgument`] when the tables do not fit `x`, `x` is empty, or the
-/// dtypes differ;
-/// [`Error::Candle`] for another dtype or device.
+/// dtypes differ; [`Error::Candle`] for another dtype or device.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, _, t, hd) = x.dims4()?;
     let fits = hd % 2 == 0

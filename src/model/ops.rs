@@ -48,7 +48,8 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     )?)
 }
 
-/// SwiGLU's gating, `silu(gate) ⊙ up` with `silu(a) = a · σ(a)` (Shazeer 2020, eq. 6):
+/// SwiGLU's gating, `silu(gate) ⊙ up` with `silu(a) = a · σ(a)` (Shazeer 2020, "GLU
+/// Variants Improve Transformer", FFN_SwiGLU):
 /// one fused pass on f32 CPU tensors (with a backward), candle's composed ops elsewhere.
 ///
 /// `gate`, `up`: the same shape and dtype. Returns that shape.
