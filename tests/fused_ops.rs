@@ -237,17 +237,7 @@ fn whole_model_gradients_equal_those_of_the_composed_ops() {
     for (name, want) in composed_grads {
         let got = &fused_grads[name];
         let diff = (got.to_dtype(DType::F64).unwrap() - want).unwrap();
-        let norm = |t: &Tensor| -> f64 {
-            t.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let (err, scale) = (norm(&diff), norm(want));
+        let (err, scale) = (common::l2_norm(&diff), common::l2_norm(want));
         assert!(scale > 0.0, "{name}: zero gradient");
         assert!(
             err <= 1e-4 * scale,

@@ -32,14 +32,7 @@ fn lora_run(steps: usize) -> TrainConfig {
 }
 
 fn grad_norm(t: &Tensor) -> f32 {
-    t.sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::l2_norm(t) as f32
 }
 
 #[test]

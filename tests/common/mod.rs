@@ -58,6 +58,19 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// The L2 norm of all of a tensor's elements, computed in f64.
+pub fn l2_norm(t: &candle_core::Tensor) -> f64 {
+    (t.to_dtype(candle_core::DType::F64).unwrap())
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// Largest absolute element-wise difference of two tensors of one shape.
 pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
