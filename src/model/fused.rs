@@ -77,8 +77,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `x`: `(B, H, T, hd)`; `cos`, `sin`: `(B, T, hd / 2)` at each token's position; all f32
 /// or all f64, on the CPU. Returns `(B, H, T, hd)`.
 ///
-/// Errors: [`Error::InvalidArgument`] when the tables do not fit `x`, `x` is empty, or the
-/// dtypes differ; [`Error::Candle`] for another dtype or device.
+/// Errors: [`Error::InvalidArgument`] when the tables do not fit `x`, `B`, `T` or `hd` is
+/// 0, or the dtypes differ; [`Error::Candle`] for an `x` that is not 4-D, another dtype
+/// or device.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, _, t, hd) = x.dims4()?;
     let fits = hd % 2 == 0

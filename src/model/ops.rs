@@ -15,7 +15,8 @@ use candle_core::{DType, Tensor, D};
 ///
 /// `x`: `(..., d)`; `weight`: `(d,)`. Returns the shape and dtype of `x`.
 ///
-/// Errors: [`crate::Error::Candle`] when `weight` is not `(d,)`.
+/// Errors: when `weight` is not `(d,)` or `d` is 0, [`crate::Error::InvalidArgument`] from
+/// the fused training kernel and [`crate::Error::Candle`] from the other paths.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if x.track_op() || weight.track_op() {
         if runs_fused(x) {

@@ -84,7 +84,9 @@ impl RopeAt {
     /// kernel with a backward on f32 CPU tensors ([`super::fused::rope`]) and the
     /// differentiable composition of the same formula elsewhere.
     ///
-    /// Errors: [`Error::Candle`] when `x`'s batch, length or width differ from the tables'.
+    /// Errors: when `x`'s batch, length or width differ from the tables',
+    /// [`Error::InvalidArgument`] from the fused training kernel and [`Error::Candle`]
+    /// from the other paths.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         if !x.track_op() && !self.cos.track_op() && !self.sin.track_op() {
             return Ok(candle_nn::rotary_emb::rope(

@@ -122,7 +122,21 @@ impl AdamW {
 
     /// Applies one update with gradients `grads` (by var name; a var without a gradient is
     /// left unchanged) and learning-rate multiplier `lr_scale`.
+    ///
+    /// Errors: [`crate::Error::ShapeMismatch`] for a gradient of another shape than its var,
+    /// before any var is updated.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr_scale: f64) -> Result<()> {
+        // Checked first, for every var: the in-place kernels zip their operands, so a
+        // gradient of another shape would update part of a parameter silently.
+        for s in &self.slots {
+            if let Some(g) = grads.get(&s.name).filter(|g| g.dims() != s.var.dims()) {
+                return Err(crate::Error::ShapeMismatch {
+                    name: format!("gradient of {}", s.name),
+                    expected: s.var.dims().to_vec(),
+                    found: g.dims().to_vec(),
+                });
+            }
+        }
         self.step += 1;
         let p = self.params;
         let bc1 = 1.0 - p.beta1.powi(self.step as i32);
@@ -444,6 +458,24 @@ mod tests {
         for (got, want) in first_m.iter().zip(want_first) {
             assert!((got - want).abs() < 1e-7, "saved moment {got} vs {want}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_gradient_of_another_shape_is_refused_before_any_update() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::ones(3, DType::F32, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::ones(4, DType::F32, &dev)?)?;
+        let vars = vec![("a".to_string(), a.clone(), 0.1), ("b".to_string(), b, 0.1)];
+        let mut opt = AdamW::new(vars, AdamWParams::default())?;
+        let grads = HashMap::from([
+            ("a".to_string(), Tensor::ones(3, DType::F32, &dev)?),
+            ("b".to_string(), Tensor::ones(2, DType::F32, &dev)?),
+        ]);
+        let err = opt.step(&grads, 1.0).unwrap_err();
+        assert!(matches!(err, crate::Error::ShapeMismatch { .. }), "{err:?}");
+        assert_eq!(a.as_tensor().to_vec1::<f32>()?, vec![1.0; 3]);
+        assert_eq!(opt.steps_taken(), 0);
         Ok(())
     }
 }
