@@ -159,27 +159,28 @@ pub fn chunked_objective(
             None => None,
         };
         let w_nll = Tensor::from_slice(&nll_weight[start..start + len], len, device)?;
-        let w_kl = Tensor::from_slice(&valid_v[start..start + len], len, device)?;
         let targets = &targets[start..start + len];
         let (nll, kl) = if runs_fused(&logits_s) {
             // One fused pass per row instead of a dozen composed ones (see token_losses).
             let per = token_losses(&logits_s, logits_t.as_ref(), targets)?;
-            (
-                per.narrow(1, 0, 1)?.squeeze(1)?,
-                per.narrow(1, 1, 1)?.squeeze(1)?,
-            )
+            let kl = match logits_t {
+                Some(_) => Some(per.narrow(1, 1, 1)?.squeeze(1)?),
+                None => None,
+            };
+            (per.narrow(1, 0, 1)?.squeeze(1)?, kl)
         } else {
             let log_s = log_softmax_last_dim(&logits_s)?;
             let tg = Tensor::from_slice(targets, (len, 1), device)?;
             let nll = log_s.gather(&tg, 1)?.squeeze(1)?.neg()?;
             let kl = match &logits_t {
-                Some(t) => per_token_kl(&log_softmax_last_dim(t)?, &log_s)?,
-                None => Tensor::zeros(len, DType::F32, device)?,
+                Some(t) => Some(per_token_kl(&log_softmax_last_dim(t)?, &log_s)?),
+                None => None,
             };
             (nll, kl)
         };
         nll_sum = (nll_sum + (nll * w_nll)?.sum_all()?)?;
-        if teacher.is_some() {
+        if let Some(kl) = kl {
+            let w_kl = Tensor::from_slice(&valid_v[start..start + len], len, device)?;
             kl_sum = (kl_sum + (kl * w_kl)?.sum_all()?)?;
         }
     }

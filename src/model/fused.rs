@@ -136,8 +136,11 @@ impl Real for f64 {
     }
 }
 
-/// The values of a contiguous operand.
-fn values<'a, T: WithDType>(
+/// The values of a contiguous CPU operand of a custom op, as `T` (the crate's CPU kernels
+/// share it).
+///
+/// Errors: [`candle_core::Error`] for a non-contiguous layout or another dtype than `T`.
+pub(crate) fn values<'a, T: WithDType>(
     storage: &'a CpuStorage,
     layout: &Layout,
 ) -> candle_core::Result<&'a [T]> {

@@ -8,6 +8,7 @@
 //! backward writes the logits' gradient in one pass per row:
 //! `dL/ds = g_nll · (p_s − onehot(target)) + g_kl · (p_s − p_t)`.
 
+use super::fused::values;
 use super::vector_math::{exp, lane_max, sum_exp, LANES};
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -49,14 +50,6 @@ pub fn token_losses(student: &Tensor, teacher: Option<&Tensor>, targets: &[u32])
 struct TokenLosses {
     targets: Vec<u32>,
     with_teacher: bool,
-}
-
-/// The rows of a contiguous `(N, V)` f32 operand.
-fn rows<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("token losses need contiguous f32 logits"),
-    }
 }
 
 /// `[−log p_s(target), KL(p_t ‖ p_s)]` of one row, without a scratch buffer:
@@ -125,7 +118,7 @@ impl CustomOp2 for TokenLosses {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, vocab) = l1.shape().dims2()?;
-        let (s, t) = (rows(s1, l1)?, rows(s2, l2)?);
+        let (s, t) = (values::<f32>(s1, l1)?, values::<f32>(s2, l2)?);
         let forward = forward_kernel();
         let out: Vec<[f32; 2]> = (0..n)
             .into_par_iter()
@@ -178,7 +171,11 @@ impl CustomOp3 for TokenLossesGradient {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, vocab) = l1.shape().dims2()?;
-        let (s, t, g) = (rows(s1, l1)?, rows(s2, l2)?, rows(s3, l3)?);
+        let (s, t, g) = (
+            values::<f32>(s1, l1)?,
+            values::<f32>(s2, l2)?,
+            values::<f32>(s3, l3)?,
+        );
         let backward = backward_kernel();
         let mut out = vec![0f32; n * vocab];
         (out.par_chunks_mut(vocab).enumerate()).for_each(|(i, o)| {

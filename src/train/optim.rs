@@ -2,6 +2,7 @@
 //! private, so a checkpoint could not hold them), in f32 whatever the weights' dtype.
 
 use crate::error::Result;
+use crate::model::fused::values;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -258,15 +259,7 @@ impl AdamW {
     }
 }
 
-/// The f32 values of a contiguous CPU operand of the in-place update.
-fn f32_values<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("the in-place AdamW update takes contiguous f32 tensors"),
-    }
-}
-
-/// As [`f32_values`], mutable.
+/// The f32 values of the contiguous CPU tensor the in-place update writes.
 fn f32_values_mut<'a>(
     storage: &'a mut CpuStorage,
     layout: &Layout,
@@ -295,7 +288,7 @@ impl InplaceOp2 for Moment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32_values_mut(s1, l1)?, f32_values(s2, l2)?);
+        let (m, g) = (f32_values_mut(s1, l1)?, values::<f32>(s2, l2)?);
         let (decay, rest) = (self.decay as f32, (1.0 - self.decay) as f32);
         (m.par_chunks_mut(UPDATE_TASK).zip(g.par_chunks(UPDATE_TASK))).for_each(|(m, g)| {
             for (m, &g) in m.iter_mut().zip(g) {
@@ -334,8 +327,8 @@ impl InplaceOp3 for Update {
     ) -> candle_core::Result<()> {
         let (theta, m, v) = (
             f32_values_mut(s1, l1)?,
-            f32_values(s2, l2)?,
-            f32_values(s3, l3)?,
+            values::<f32>(s2, l2)?,
+            values::<f32>(s3, l3)?,
         );
         let keep = (1.0 - self.lr * self.weight_decay) as f32;
         let (lr, eps) = (self.lr as f32, self.eps as f32);
