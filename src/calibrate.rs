@@ -11,7 +11,6 @@ use crate::mixture_of_depths::RouterKind;
 use crate::mixture_of_depths::{ModModel, Mode};
 use crate::model::Batch;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// The outcome of [`calibrate_compute`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,23 +65,20 @@ pub fn calibrate_compute(
         base.config().max_position_embeddings,
         base.device(),
     )?;
-    let layers = model.routers().keys().copied().collect::<Vec<_>>();
     // Each operator as a function of one scalar whose compute fraction rises with it.
     let (lo, hi, make): (f64, f64, Box<dyn Fn(f64) -> RouterKind>) = match &model.config().router {
         RouterKind::ThresholdP { .. } => {
-            let start: BTreeMap<usize, f64> = layers
-                .iter()
-                .map(|&j| (j, model.config().threshold_for(j).unwrap_or(0.5)))
-                .collect();
-            let global = logit(model.config().threshold_for(usize::MAX).unwrap_or(0.5));
-            // The rising scalar is −δ: a lower threshold keeps more tokens.
-            let make = move |neg_shift: f64| RouterKind::ThresholdP {
-                p: shifted(global, -neg_shift),
-                per_layer: start
-                    .iter()
-                    .map(|(&j, &p)| (j, shifted(logit(p), -neg_shift)))
+            // Every routed layer's threshold is written out, so that the calibrated
+            // config records the operating point of each layer.
+            let cfg = model.config();
+            let start = RouterKind::ThresholdP {
+                p: cfg.threshold_for(usize::MAX).unwrap_or(0.5),
+                per_layer: (model.routers().keys())
+                    .map(|&j| (j, cfg.threshold_for(j).unwrap_or(0.5)))
                     .collect(),
             };
+            // The rising scalar is −δ: a lower threshold keeps more tokens.
+            let make = move |neg_shift: f64| start.shifted(-neg_shift);
             (-MAX_SHIFT, MAX_SHIFT, Box::new(make))
         }
         RouterKind::TopK { .. } => {
@@ -162,14 +158,4 @@ pub fn calibrate_compute(
             setting,
         },
     ))
-}
-
-fn logit(p: f64) -> f64 {
-    (p / (1.0 - p)).ln()
-}
-
-/// `sigmoid(z + δ)`, kept strictly inside (0, 1).
-fn shifted(z: f64, delta: f64) -> f64 {
-    let p = 1.0 / (1.0 + (-(z + delta)).exp());
-    p.clamp(1e-12, 1.0 - 1e-12)
 }

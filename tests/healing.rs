@@ -384,3 +384,64 @@ fn calibrated_thresholds_above_the_initial_gate_are_valid_for_loaded_models_only
     let err = Trainer::new(common::smollm2(), cfg, lora_run(1)).unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
 }
+
+#[test]
+fn threshold_control_moves_every_threshold_by_gain_times_the_overshoot() {
+    let ckpt = common::smollm2();
+    let corpus = common::small_corpus();
+    let config = TrainConfig {
+        steps: 3,
+        batch_size: 2,
+        target_compute: Some(0.9),
+        budget_ramp: 0.0,
+        threshold_gain: 2.0,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(ckpt, ModConfig::default(), config.clone()).unwrap();
+    let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let mut shift = 0.0;
+    for _ in 0..2 {
+        let r = trainer.train_step(corpus).unwrap();
+        // The integral law: the shift grows by gain × (measured compute − budget).
+        shift += 2.0 * (r.compute_fraction - 0.9);
+        assert!((r.threshold_shift - shift).abs() < 1e-12, "{r:?}");
+        // Every routed layer's threshold is p = 0.5 moved by the shift in logit space.
+        for j in [1, 15, 29] {
+            let p = trainer.model().config().threshold_for(j).unwrap();
+            assert!((p - sigmoid(shift)).abs() < 1e-12, "layer {j}: {p}");
+        }
+    }
+    // Fresh routers keep every token (gate sigmoid(2) > 0.5): the first step overshoots.
+    assert!(shift > 0.0);
+
+    // A resumed run continues from the saved shift, not from the configured threshold.
+    let dir = common::temp_dir("threshold-control");
+    trainer.save_state(&dir, corpus).unwrap();
+    let mut resumed = Trainer::new(ckpt, ModConfig::default(), config.clone()).unwrap();
+    resumed.load_state(&dir, corpus).unwrap();
+    assert_eq!(resumed.model().config(), trainer.model().config());
+    let (a, b) = (
+        trainer.train_step(corpus).unwrap(),
+        resumed.train_step(corpus).unwrap(),
+    );
+    assert_eq!(a.threshold_shift, b.threshold_shift);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // Without a gain, or for top-k, the configured operator stays in place.
+    let off = TrainConfig {
+        threshold_gain: 0.0,
+        ..config.clone()
+    };
+    let mut trainer = Trainer::new(ckpt, ModConfig::default(), off).unwrap();
+    let r = trainer.train_step(corpus).unwrap();
+    assert_eq!(r.threshold_shift, 0.0);
+    assert_eq!(trainer.model().config().threshold_for(1), Some(0.5));
+    // A negative gain is refused.
+    let bad = TrainConfig {
+        threshold_gain: -1.0,
+        ..config
+    };
+    assert!(
+        matches!(bad.validate(), Err(Error::InvalidArgument(m)) if m.contains("threshold_gain"))
+    );
+}

@@ -49,6 +49,27 @@ pub enum RouterKind {
     },
 }
 
+impl RouterKind {
+    /// Threshold-p with every threshold (the global p and each per-layer p) moved by
+    /// `delta` in logit space, `p ← sigmoid(logit(p) + delta)` and kept strictly inside
+    /// (0, 1): a positive `delta` keeps fewer tokens in every routed layer. One scalar
+    /// moves the whole model's operating point; calibration and the trainer's threshold
+    /// control use it. Top-k is returned unchanged (its operating point is the capacity).
+    pub fn shifted(&self, delta: f64) -> Self {
+        let shift = |p: f64| {
+            let z = (p / (1.0 - p)).ln() + delta;
+            (1.0 / (1.0 + (-z).exp())).clamp(1e-12, 1.0 - 1e-12)
+        };
+        match self {
+            RouterKind::ThresholdP { p, per_layer } => RouterKind::ThresholdP {
+                p: shift(*p),
+                per_layer: per_layer.iter().map(|(&j, &p)| (j, shift(p))).collect(),
+            },
+            RouterKind::TopK { .. } => self.clone(),
+        }
+    }
+}
+
 /// How the gate value enters the layer's output, `x' = x + s(g) · (Block(x) − x)` on kept
 /// tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,4 +280,36 @@ impl ModConfig {
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RouterKind;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn shifted_moves_every_threshold_in_logit_space() {
+        let router = RouterKind::ThresholdP {
+            p: 0.5,
+            per_layer: BTreeMap::from([(3, 0.8)]),
+        };
+        let RouterKind::ThresholdP { p, per_layer } = router.shifted(1.0) else {
+            panic!("threshold-p became top-k")
+        };
+        // sigmoid(0 + 1) and sigmoid(ln 4 + 1) = 4e / (1 + 4e).
+        assert!((p - 0.731_058_578_630_004_9).abs() < 1e-12, "{p}");
+        let e4 = 4.0 * std::f64::consts::E;
+        assert!((per_layer[&3] - e4 / (1.0 + e4)).abs() < 1e-12);
+        let RouterKind::ThresholdP { per_layer, .. } = router.shifted(0.0) else {
+            unreachable!()
+        };
+        assert!((per_layer[&3] - 0.8).abs() < 1e-12);
+        // Extreme shifts stay strictly inside (0, 1); top-k has no threshold to move.
+        let RouterKind::ThresholdP { p, .. } = router.shifted(-1e3) else {
+            unreachable!()
+        };
+        assert!(p > 0.0 && p < 1e-11);
+        let topk = RouterKind::TopK { capacity: 0.3 };
+        assert_eq!(topk.shifted(2.0), topk);
+    }
 }
