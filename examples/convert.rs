@@ -105,11 +105,6 @@ struct Args {
     /// Fraction of the steps over which the compute budget falls from 1 to --target-compute.
     #[arg(long, default_value_t = 0.5)]
     budget_ramp: f64,
-    /// Threshold control under --target-compute: after every step, every threshold moves
-    /// in logit space by this gain × (measured compute − budget), so that the model trains
-    /// at the operating point it is calibrated to (0 = off: the load term alone steers).
-    #[arg(long, default_value_t = 0.0)]
-    threshold_gain: f64,
     /// Calibration rows per source (from the training split) for --target-compute.
     #[arg(long, default_value_t = 2)]
     calibration_rows: usize,
@@ -355,13 +350,12 @@ fn train(args: &Args, trainer: &mut Trainer, corpus: &Corpus, state_dir: &Path) 
             format!(" WARNING layers {} keep nothing", collapsed.join(","))
         };
         let line = format!(
-            "lm {:.3} kl {:.4} load {:.4} kept {:.3} compute {:.3} shift {:+.3} {:.0} tok/s{warn}",
+            "lm {:.3} kl {:.4} load {:.4} kept {:.3} compute {:.3} {:.0} tok/s{warn}",
             r.lm_loss,
             r.kl_loss,
             r.load_loss,
             r.mean_kept(),
             r.compute_fraction,
-            r.threshold_shift,
             r.tokens as f64 / r.seconds
         );
         bar.set_position(r.step as u64);
@@ -567,7 +561,6 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
         objective: objective.into(),
         target_compute,
         budget_ramp: args.budget_ramp,
-        threshold_gain: args.threshold_gain,
         target_kept: args.target_kept,
         target_per_layer: args.target_per_layer,
         ..TrainConfig::default()

@@ -53,8 +53,9 @@ impl RouterKind {
     /// Threshold-p with every threshold (the global p and each per-layer p) moved by
     /// `delta` in logit space, `p ← sigmoid(logit(p) + delta)` and kept strictly inside
     /// (0, 1): a positive `delta` keeps fewer tokens in every routed layer. One scalar
-    /// moves the whole model's operating point; calibration and the trainer's threshold
-    /// control use it. Top-k is returned unchanged (its operating point is the capacity).
+    /// moves the whole model's operating point, as calibration does
+    /// ([`crate::calibrate::calibrate_compute`]). Top-k is returned unchanged (its
+    /// operating point is the capacity).
     pub fn shifted(&self, delta: f64) -> Self {
         let shift = |p: f64| {
             let z = (p / (1.0 - p)).ln() + delta;

@@ -83,12 +83,6 @@ pub struct TrainConfig {
     /// Fraction of the steps over which the compute budget is lowered from 1 to
     /// `target_compute` (0 = the target from the first step).
     pub budget_ramp: f64,
-    /// Gain of the threshold control under a compute target (threshold-p only): after every
-    /// step, every routed layer's threshold moves in logit space by
-    /// `threshold_gain × (measured compute − budget)` (see [`crate::mixture_of_depths::RouterKind::shifted`]),
-    /// so that the model trains at the operating point it is used at, instead of swinging
-    /// around it while the load term alone steers. 0 turns the control off.
-    pub threshold_gain: f64,
     /// Target kept fraction: the load term pushes only while the kept fraction is above it
     /// (mean over routed layers, or per layer with `target_per_layer`).
     pub target_kept: Option<f64>,
@@ -117,7 +111,6 @@ impl Default for TrainConfig {
             objective: Objective::Lm,
             target_compute: None,
             budget_ramp: 0.5,
-            threshold_gain: 0.0,
             target_kept: None,
             target_per_layer: false,
             topk_aux_weight: 0.1,
@@ -130,9 +123,8 @@ impl TrainConfig {
     ///
     /// Errors: [`Error::InvalidArgument`] for zero steps / batch / accumulation, a
     /// non-positive learning rate, a target (kept or compute fraction) outside (0, 1], a
-    /// non-positive clip norm, a negative or non-finite threshold gain, or a LoRA rank of 0
-    /// (the rank's upper bound, the hidden size, is checked by
-    /// [`crate::train::Trainer::new`]).
+    /// non-positive clip norm, or a LoRA rank of 0 (the rank's upper bound, the hidden size,
+    /// is checked by [`crate::train::Trainer::new`]).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
@@ -155,12 +147,6 @@ impl TrainConfig {
             return bad(format!(
                 "budget_ramp {} is outside [0, 1]",
                 self.budget_ramp
-            ));
-        }
-        if !(self.threshold_gain >= 0.0 && self.threshold_gain.is_finite()) {
-            return bad(format!(
-                "threshold_gain {} must be finite and non-negative",
-                self.threshold_gain
             ));
         }
         if self.trainable == Trainable::Lora {

@@ -12,10 +12,10 @@ const META_FILE: &str = "trainer.json";
 
 impl Trainer {
     /// Writes the training state to `dir` atomically: every trained tensor, the AdamW
-    /// moments (`state.safetensors`), and in `trainer.json` the step, the configs, the
-    /// threshold control's shift and what the run trains on (the base model's config, dtype
-    /// and an embedding checksum; the corpus's [`Corpus::fingerprint`]). The data position
-    /// is the step: batches are a pure function of corpus, seed and step.
+    /// moments (`state.safetensors`), and in `trainer.json` the step, the configs and what
+    /// the run trains on (the base model's config, dtype and an embedding checksum; the
+    /// corpus's [`Corpus::fingerprint`]). The data position is the step: batches are a pure
+    /// function of corpus, seed and step.
     ///
     /// Errors: [`Error::Io`] / [`Error::Candle`] when writing fails (an existing `dir` is
     /// then left as it was).
@@ -28,8 +28,7 @@ impl Trainer {
             "step": self.step,
             "optimizer_steps": self.opt.steps_taken(),
             "train": self.config,
-            "mod": self.configured_config(),
-            "threshold_shift": self.threshold_shift,
+            "mod": self.model.config(),
             "inputs": self.inputs(corpus),
         });
         write_dir_atomically(dir, |staging| {
@@ -38,14 +37,6 @@ impl Trainer {
             std::fs::write(&meta_path, serde_json::to_string_pretty(&meta)?)
                 .map_err(|e| Error::io(&meta_path, e))
         })
-    }
-
-    /// The conversion settings as configured (the router before threshold control).
-    fn configured_config(&self) -> crate::mixture_of_depths::ModConfig {
-        crate::mixture_of_depths::ModConfig {
-            router: self.configured_router.clone(),
-            ..self.model.config().clone()
-        }
     }
 
     /// What this run trains on, as recorded in its state.
@@ -90,7 +81,7 @@ impl Trainer {
         if saved_train != train {
             return Err(differs("training configuration"));
         }
-        if meta["mod"] != serde_json::to_value(self.configured_config())? {
+        if meta["mod"] != serde_json::to_value(self.model.config())? {
             return Err(differs("conversion configuration (ModConfig)"));
         }
         let inputs = self.inputs(corpus);
@@ -124,14 +115,6 @@ impl Trainer {
             });
         }
         let opt_steps = counter("optimizer_steps")?;
-        // States written before the threshold control have no shift: they were at 0.
-        let shift = meta
-            .get("threshold_shift")
-            .map_or(Some(0.0), |v| v.as_f64());
-        let shift = shift.ok_or_else(|| Error::Checkpoint {
-            path: meta_path.clone(),
-            reason: "`threshold_shift` is not a number".to_string(),
-        })?;
         let state_path = dir.join(STATE_FILE);
         if !state_path.is_file() {
             return Err(Error::io(
@@ -163,12 +146,10 @@ impl Trainer {
             }
             params.push((var.clone(), t.to_dtype(var.dtype())?));
         }
-        let model = (self.model).with_router(self.configured_router.shifted(shift))?;
         self.opt.load_state(&state, opt_steps)?;
         for (var, t) in params {
             var.set(&t)?;
         }
-        (self.model, self.threshold_shift) = (model, shift);
         self.step = step;
         Ok(())
     }

@@ -39,9 +39,6 @@ pub struct StepReport {
     pub kept_fraction: Vec<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// The threshold shift in logit space after this step (0 without threshold control,
-    /// see [`TrainConfig::threshold_gain`]).
-    pub threshold_shift: f64,
     /// Tokens processed.
     pub tokens: usize,
     /// Wall time of the step, seconds.
@@ -70,13 +67,7 @@ struct MicroBatchLoss {
 
 /// Trains a [`ModModel`] made from a pretrained checkpoint.
 pub struct Trainer {
-    /// The model at its current operating point: the configured router with every
-    /// threshold moved by `threshold_shift`.
     pub(super) model: ModModel,
-    /// The selection operator as configured, before threshold control.
-    pub(super) configured_router: RouterKind,
-    /// The threshold control's shift in logit space ([`TrainConfig::threshold_gain`]).
-    pub(super) threshold_shift: f64,
     /// The original model (every gate open, no adapter) for the distillation objective:
     /// it shares the checkpoint's tensors, so it costs no weight memory.
     teacher: Option<Llama>,
@@ -162,8 +153,6 @@ impl Trainer {
         };
         let opt = AdamW::new(vars, params)?;
         Ok(Self {
-            configured_router: model.config().router.clone(),
-            threshold_shift: 0.0,
             model,
             teacher,
             opt,
@@ -174,8 +163,7 @@ impl Trainer {
         })
     }
 
-    /// The model being trained: its current weights, at its current operating point (the
-    /// configured thresholds moved by the threshold control, if any).
+    /// The model being trained (its current weights).
     pub fn model(&self) -> &ModModel {
         &self.model
     }
@@ -289,36 +277,9 @@ impl Trainer {
         }
         let lr = lr_multiplier(self.step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio);
         self.opt.step(&grads, lr)?;
-        self.control_thresholds(report.compute_fraction)?;
-        report.threshold_shift = self.threshold_shift;
         self.step += 1;
         report.seconds = start.elapsed().as_secs_f64();
         Ok(report)
-    }
-
-    /// Integral control of the operating point under a compute target (threshold-p, a
-    /// positive [`TrainConfig::threshold_gain`]): moves every threshold by
-    /// `gain × (compute − budget)` in logit space, where `compute` is what this step
-    /// measured and `budget` what it aimed at. The load term pushes gates through the
-    /// routers' weights, a lagging actuator that swings the compute around its budget; the
-    /// shift acts at once, so the model adapts to the operating point it is calibrated to.
-    ///
-    /// Errors: [`Error::Config`] from [`ModModel::with_router`].
-    fn control_thresholds(&mut self, compute: f64) -> Result<()> {
-        let cfg = &self.config;
-        let threshold_p = matches!(self.configured_router, RouterKind::ThresholdP { .. });
-        let Some(target) = cfg
-            .target_compute
-            .filter(|_| threshold_p && cfg.threshold_gain > 0.0)
-        else {
-            return Ok(());
-        };
-        let budget = compute_budget(self.step, cfg.steps, target, cfg.budget_ramp);
-        let shift = (self.threshold_shift + cfg.threshold_gain * (compute - budget))
-            .clamp(-MAX_THRESHOLD_SHIFT, MAX_THRESHOLD_SHIFT);
-        self.model = (self.model).with_router(self.configured_router.shifted(shift))?;
-        self.threshold_shift = shift;
-        Ok(())
     }
 
     /// The objective on one micro-batch: the LM loss and/or the distillation KL, plus the
@@ -427,10 +388,6 @@ fn embedding_checksum(base: &Checkpoint) -> Result<f64> {
     })?;
     Ok(embed.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
 }
-
-/// Largest threshold shift of the threshold control, in logit space: thresholds stay
-/// within about 3e-4 of 0 and 1, so a layer can always be reopened.
-const MAX_THRESHOLD_SHIFT: f64 = 8.0;
 
 fn poisoned() -> Error {
     Error::InvalidArgument("variable map lock poisoned".to_string())
