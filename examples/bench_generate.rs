@@ -80,6 +80,7 @@ fn decode(model: &ModModel, prompt: &[u32], steps: usize, max: usize) -> Result<
 }
 
 fn main() -> Result<()> {
+    support::park_idle_threads_for_inference();
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();

@@ -58,6 +58,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    support::park_idle_threads_for_inference();
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();
