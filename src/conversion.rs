@@ -180,7 +180,11 @@ pub fn finish_conversion(
     let mut calibration = None;
     if let Some(target) = trainer.config().target_compute {
         let rows = corpus.calibration_rows(options.calibration_rows);
-        let (calibrated, c) = calibrate_compute(trainer.model(), &rows, target)?;
+        // Calibrate what will be saved (adapters merged), detached from training: through
+        // the trained variables every forward would record its graph and hold all of its
+        // activations (about 10 GB for the default's calibration rows).
+        let saved = ModModel::from_checkpoint(&trainer.converted(&config)?)?;
+        let (calibrated, c) = calibrate_compute(&saved, &rows, target)?;
         config = calibrated.config().clone();
         calibration = Some(c);
     }
