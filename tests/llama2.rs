@@ -335,3 +335,31 @@ fn memory_plan_of_llama2_7b_matches_the_readme_arithmetic() {
     assert!(full.total() > 130e9, "{full}");
     assert!(check_fits(&full, available).is_err());
 }
+
+#[test]
+fn memory_plan_of_smollm2_in_f32_matches_the_measured_peaks() {
+    use modification::train::memory::conversion_memory;
+    use modification::train::{Objective, Trainable};
+    // Peak resident memory of `bench_train` (4 × 256 tokens, f32, the fused CPU kernels),
+    // measured 2026-11-30: router-only and full-parameter under the LM loss, LoRA + KL.
+    let cfg = &common::smollm2().config;
+    let measured = [
+        (Trainable::Routers, Objective::Lm, 2.29e9),
+        (Trainable::All, Objective::Lm, 4.47e9),
+        (Trainable::Lora, Objective::Kl, 4.34e9),
+    ];
+    for (trainable, objective, peak) in measured {
+        let train = TrainConfig {
+            trainable,
+            objective,
+            batch_size: 4,
+            ..TrainConfig::default()
+        };
+        let got = conversion_memory(cfg, DType::F32, &train, 256);
+        let rel = (got.total() - peak) / peak;
+        assert!(
+            rel.abs() < 0.05,
+            "{trainable:?} {objective:?}: estimate {got} against {peak:e} measured"
+        );
+    }
+}

@@ -3,31 +3,57 @@
 //!
 //! Weights, trained parameters and optimizer state are counted exactly. Activations are
 //! what candle's autograd keeps for the backward pass of one micro-batch; they are modelled
-//! per token as `K_LAYER · (d + f) + K_ATTENTION · H · T` elements per layer plus
-//! `K_LOGITS · V` f32 elements for the logits and the loss (more with a teacher), with the
-//! constants fitted to the peak resident memory `bench_train` measures on SmolLM2-135M and
-//! on the LLaMA-2-shaped test checkpoint, times the allocator's measured retention
-//! (README, "Converting LLaMA-2-7B").
+//! per token as `k_layer · (d + f) + k_attention · H · T` elements per layer plus
+//! `k_logits · V` f32 elements for the logits and the loss (more with a teacher), times
+//! the allocator's measured retention (README, "Converting LLaMA-2-7B"). The constants
+//! depend on the kernels a run takes: f32 on the CPU runs the fused kernels (attention
+//! without a `(T, T)` tensor, losses over vocabulary chunks, RMSNorm, SwiGLU and RoPE that
+//! keep only their inputs); other dtypes run candle's composed ops. Both sets are fitted
+//! to the peak resident memory `bench_train` measures on SmolLM2-135M (the composed set
+//! also on the LLaMA-2-shaped test checkpoint, which pins the logits' share).
 
 use super::config::{Objective, TrainConfig, Trainable};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use candle_core::DType;
 
-/// Activation elements kept per token, per layer and per unit of `d + f` (hidden plus MLP
-/// width): residual stream, norms, projections, SwiGLU and their copies.
-const K_LAYER: f64 = 16.5;
-/// Additional per-token elements per layer with LoRA adapters: each adapted projection's
-/// low-rank path and sum, per unit of `d + f`.
-const K_LORA: f64 = 8.0;
-/// Activation elements kept per token, per layer, per head and per key position: the
-/// attention scores, mask and probabilities.
-const K_ATTENTION: f64 = 5.0;
-/// f32 elements per token per vocabulary entry: logits, log-softmax and their gradients.
-const K_LOGITS: f64 = 4.0;
-/// Additional f32 elements per token per vocabulary entry with a teacher: its logits,
-/// both log-probabilities, the KL's terms and their gradients.
-const K_TEACHER_LOGITS: f64 = 9.0;
+/// What one set of kernels keeps for the backward pass, in elements per token.
+struct ActivationModel {
+    /// Per layer and per unit of `d + f` (hidden plus MLP width): residual stream, norms,
+    /// projections, SwiGLU and their copies.
+    layer: f64,
+    /// Additional, with LoRA adapters: each adapted projection's low-rank path and sum.
+    lora: f64,
+    /// Per layer, per head and per key position: attention scores, mask, probabilities.
+    attention: f64,
+    /// f32 elements per vocabulary entry: logits, log-softmax and their gradients.
+    logits: f64,
+    /// Additional f32 elements per vocabulary entry with a teacher: its logits, both
+    /// log-probabilities, the KL's terms and their gradients.
+    teacher_logits: f64,
+}
+
+/// candle's composed ops (bf16, f16; every dtype off the CPU).
+const COMPOSED: ActivationModel = ActivationModel {
+    layer: 16.5,
+    lora: 8.0,
+    attention: 5.0,
+    logits: 4.0,
+    teacher_logits: 9.0,
+};
+
+/// The fused f32 CPU kernels: no `(T, T)` tensor and no whole logits tensor is kept.
+/// Fitted to `bench_train`'s peaks on SmolLM2-135M, 4 × 256 tokens (2026-11-30): 2.29 GB
+/// router-only and 4.47 GB full-parameter under the LM loss (`layer`), 4.34 GB LoRA + KL
+/// (`lora`), with [`ALLOCATOR_SLACK`] applied; the estimates are 2.32, 4.47 and 4.40 GB.
+const FUSED: ActivationModel = ActivationModel {
+    layer: 4.2,
+    lora: 5.3,
+    attention: 0.0,
+    logits: 0.0,
+    teacher_logits: 0.0,
+};
+
 /// The resident set after the first steps over the live peak of one step's activations:
 /// glibc keeps freed heap memory (the examples never trim it, for speed) and the routed
 /// steps' varying tensor sizes fragment it. Measured on the default SmolLM2 conversion:
@@ -97,9 +123,10 @@ pub fn lora_parameter_count(cfg: &LlamaConfig, rank: usize) -> u64 {
     rank as u64 * per_layer * cfg.num_hidden_layers as u64
 }
 
-/// The estimated peak memory of converting a model of config `cfg` with weights in `dtype`
-/// under `train` (its trainable set, objective, LoRA rank and micro-batch size), rows of
-/// `seq_len` tokens.
+/// The estimated peak host memory of converting a model of config `cfg` on the CPU with
+/// weights in `dtype` under `train` (its trainable set, objective, LoRA rank and
+/// micro-batch size), rows of `seq_len` tokens. f32 counts the fused kernels' activations,
+/// other dtypes candle's composed ops'.
 ///
 /// Every layer counts as routed and trained through (the default recipe routes all
 /// layers); a router is `d + 1` f32 parameters.
@@ -139,14 +166,19 @@ pub fn conversion_memory(
 
     let tokens = (train.batch_size * seq_len) as f64;
     let heads = cfg.num_attention_heads as f64;
-    let k_layer = match train.trainable {
-        Trainable::Lora => K_LAYER + K_LORA,
-        _ => K_LAYER,
+    let k = if dtype == DType::F32 {
+        &FUSED
+    } else {
+        &COMPOSED
     };
-    let per_layer = k_layer * (d + f) + K_ATTENTION * heads * seq_len as f64;
+    let k_layer = match train.trainable {
+        Trainable::Lora => k.layer + k.lora,
+        _ => k.layer,
+    };
+    let per_layer = k_layer * (d + f) + k.attention * heads * seq_len as f64;
     let k_logits = match train.objective {
-        Objective::Lm => K_LOGITS,
-        Objective::Kl | Objective::KlLm => K_LOGITS + K_TEACHER_LOGITS,
+        Objective::Lm => k.logits,
+        Objective::Kl | Objective::KlLm => k.logits + k.teacher_logits,
     };
     let activations = ALLOCATOR_SLACK
         * tokens
