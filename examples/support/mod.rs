@@ -164,11 +164,12 @@ pub fn tune_malloc_for_tensors() {
 /// inference. candle runs element-wise ops on a thread pool of its own whose workers spin
 /// 25 000 times before they park; the matmuls between those ops run on rayon's threads,
 /// and on a small machine the spinning worker takes a core from them. Measured on 2 cores
-/// (SmolLM2-135M, f32, two rounds, one sitting): prefill 512 tokens 719 / 674 tok/s with
-/// the spin, 850 / 862 without; decode 24.4 / 25.7 and 26.6 / 26.3. Training loses
-/// (full-parameter steps 164 / 162 tok/s with the spin, 146 / 150 without: its backward
-/// runs element-wise ops back to back), so `convert`, `sweep` and `bench_train` keep
-/// candle's default. A `CANDLE_BARRIER_POOL_SPIN_LIMIT` already in the environment wins.
+/// (SmolLM2-135M, f32, two sittings): prefill of 512 tokens 719 / 674 / 720 tok/s with the
+/// spin, 850 / 862 / 859 without; 128 and 2048 tokens and decode move within their noise.
+/// Training loses (full-parameter steps 164 / 162 tok/s with the spin, 146 / 150 without:
+/// its backward runs element-wise ops back to back), so `convert`, `sweep` and
+/// `bench_train` keep candle's default. A `CANDLE_BARRIER_POOL_SPIN_LIMIT` already in the
+/// environment wins.
 ///
 /// Call it first in `main`, before any tensor op (candle reads the setting once, when its
 /// pool starts) and before other threads exist.
