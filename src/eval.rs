@@ -1,7 +1,7 @@
 //! Perplexity evaluation.
 
 use crate::error::{Error, Result};
-use crate::loss::next_token_nll;
+use crate::loss::chunked_objective;
 use crate::model::{Batch, Llama};
 use serde::Serialize;
 
@@ -66,8 +66,8 @@ pub fn dense_rows_perplexity(model: &Llama, rows: &[Vec<u32>]) -> Result<Perplex
         model.config().max_position_embeddings,
         model.device(),
     )?;
-    let logits = model.forward(&batch)?;
-    perplexity_of(&logits, &batch)
+    let hidden = model.forward_hidden(&batch)?;
+    perplexity_of(model, &hidden, &batch)
 }
 
 /// Held-out evaluation of a routed model over `rows` (sparse inference forward). With
@@ -88,11 +88,7 @@ pub fn routed_rows_eval(
         base.device(),
     )?;
     let mode = crate::mixture_of_depths::Mode::Inference;
-    let out = if causal {
-        model.forward_causal(&batch, mode)?
-    } else {
-        model.forward(&batch, mode)?
-    };
+    let out = model.run(&batch, mode, causal, None)?;
     let layers = base.config().num_hidden_layers;
     let kv_entries = match model.config().kv_policy {
         crate::mixture_of_depths::KvPolicy::Keep => (layers * batch.num_tokens()) as f64,
@@ -102,7 +98,7 @@ pub fn routed_rows_eval(
         }
     };
     Ok(RoutedEval {
-        perplexity: perplexity_of(&out.logits, &batch)?,
+        perplexity: perplexity_of(base, &out.hidden, &batch)?,
         kept_fraction: out
             .stats
             .iter()
@@ -113,12 +109,15 @@ pub fn routed_rows_eval(
     })
 }
 
-fn perplexity_of(logits: &candle_core::Tensor, batch: &Batch) -> Result<Perplexity> {
-    let (sum, count) = next_token_nll(logits, batch.ids(), batch.valid())?;
-    if count == 0 {
+/// Perplexity from the final hidden states `(B, T, d)` of `batch`: the next-token NLL over
+/// vocabulary chunks ([`chunked_objective`]), so that no `(B, T, vocab)` logits tensor
+/// exists at once (1.6 GB for 8192 tokens of a 49 k vocabulary).
+fn perplexity_of(model: &Llama, hidden: &candle_core::Tensor, batch: &Batch) -> Result<Perplexity> {
+    let terms = chunked_objective(model, hidden, None, batch.ids(), batch.valid())?;
+    if terms.nll_count == 0 {
         return Err(Error::InvalidArgument("no token to predict".to_string()));
     }
-    let nll = sum.to_scalar::<f32>()? as f64 / count as f64;
+    let nll = terms.nll_sum.to_scalar::<f32>()? as f64 / terms.nll_count as f64;
     Ok(Perplexity {
         nll,
         perplexity: nll.exp(),
