@@ -4,13 +4,15 @@
 //! KV cache on one long input. The result is one [`ConversionReport`].
 
 use crate::calibrate::{calibrate_compute, Calibration};
+use crate::checkpoint::converted::converted_checkpoint;
+use crate::checkpoint::export::save_hf;
 use crate::error::{Error, Result};
 use crate::eval::{self, RoutedEval};
 use crate::mixture_of_depths::{ModModel, Mode, RouterKind};
 use crate::model::{Batch, Llama};
 use crate::train::{Corpus, Trainer};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -176,27 +178,31 @@ pub fn finish_conversion(
             )));
         }
     }
+    // The model as it is saved: the base with the trained tensors over it (adapters
+    // merged), detached from training, built once. Calibrating through the trained
+    // variables instead made every forward record its graph and hold its activations (the
+    // default conversion peaked at 10.0 GB with that, 5.1 without).
     let mut config = trainer.model().config().clone();
+    let merged = trainer.converted(&config)?;
     let mut calibration = None;
     if let Some(target) = trainer.config().target_compute {
         let rows = corpus.calibration_rows(options.calibration_rows);
-        // Calibrate what will be saved (adapters merged), detached from training: through
-        // the trained variables every forward would record its graph and hold all of its
-        // activations (about 10 GB for the default's calibration rows).
-        let saved = ModModel::from_checkpoint(&trainer.converted(&config)?)?;
-        let (calibrated, c) = calibrate_compute(&saved, &rows, target)?;
+        let (calibrated, c) =
+            calibrate_compute(&ModModel::from_checkpoint(&merged)?, &rows, target)?;
         config = calibrated.config().clone();
         calibration = Some(c);
     }
+    // The calibrated config as the `mod` section; the tensors are shared, not copied.
+    let final_ckpt = converted_checkpoint(&merged, &HashMap::new(), &config)?;
     let converted = match save_to {
         Some(dir) => {
-            trainer.save_converted(dir, &config)?;
+            save_hf(&final_ckpt, dir)?;
             let dir = dir
                 .to_str()
                 .ok_or_else(|| Error::InvalidArgument(format!("{} is not UTF-8", dir.display())))?;
             ModModel::load(dir, dense.dtype(), dense.device())?
         }
-        None => ModModel::from_checkpoint(&trainer.converted(&config)?)?,
+        None => ModModel::from_checkpoint(&final_ckpt)?,
     };
 
     let held_out = evaluate_sources(&converted, corpus, false)?;

@@ -4,6 +4,7 @@ use crate::error::Result;
 use crate::model::fused::runs_fused;
 use crate::model::ops::log_softmax_last_dim;
 use crate::model::token_losses::token_losses;
+use crate::model::DECODE_ROWS;
 use candle_core::{DType, Tensor, D};
 
 /// Next-token negative log-likelihood, summed and counted over real tokens.
@@ -151,8 +152,15 @@ pub fn chunked_objective(
     let chunk = chunk_tokens(student.config().vocab_size);
     let mut nll_sum = Tensor::zeros((), DType::F32, device)?;
     let mut kl_sum = Tensor::zeros((), DType::F32, device)?;
-    for start in (0..n).step_by(chunk) {
-        let len = chunk.min(n - start);
+    // A chunk of at most DECODE_ROWS rows would take the decode path's `lm_head` (quantized
+    // blocks, where a quantized model has them) while the others take the dense weight: a
+    // short tail joins the chunk before it.
+    let mut starts: Vec<usize> = (0..n).step_by(chunk).collect();
+    if starts.len() > 1 && starts.last().is_some_and(|&s| n - s <= DECODE_ROWS) {
+        starts.pop();
+    }
+    for (i, &start) in starts.iter().enumerate() {
+        let len = starts.get(i + 1).copied().unwrap_or(n) - start;
         let logits_s = student.logits(&h.narrow(0, start, len)?)?;
         let logits_t = match &teacher {
             Some((model, th)) => Some(model.logits(&th.narrow(0, start, len)?)?),

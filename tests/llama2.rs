@@ -337,15 +337,18 @@ fn memory_plan_of_llama2_7b_matches_the_readme_arithmetic() {
 }
 
 #[test]
-fn memory_plan_of_smollm2_in_f32_matches_the_measured_peaks() {
+fn memory_plan_of_smollm2_in_f32_bounds_the_measured_peaks() {
     use modification::train::memory::conversion_memory;
     use modification::train::{Objective, Trainable};
     // Peak resident memory of whole `convert --steps 1` runs (4 × 256 tokens, f32, the
     // fused CPU kernels, `/usr/bin/time`), measured 2026-11-30: router-only under the LM
-    // loss, full-parameter and LoRA under the KL.
-    let cfg = &common::smollm2().config;
+    // loss (every layer with `Keep`, and the paper's odd layers with `Skip`, planned
+    // alike), full-parameter and LoRA under the KL. The plan must not fall below any.
+    let path = common::gguf_path();
+    let cfg = Checkpoint::read_config(path.to_str().unwrap()).unwrap();
     let measured = [
         (Trainable::Routers, Objective::Lm, 2.93e9),
+        (Trainable::Routers, Objective::Lm, 3.79e9),
         (Trainable::All, Objective::Kl, 5.39e9),
         (Trainable::Lora, Objective::Kl, 5.07e9),
     ];
@@ -356,11 +359,10 @@ fn memory_plan_of_smollm2_in_f32_matches_the_measured_peaks() {
             batch_size: 4,
             ..TrainConfig::default()
         };
-        let got = conversion_memory(cfg, DType::F32, &train, 256);
-        let rel = (got.total() - peak) / peak;
+        let plan = conversion_memory(&cfg, DType::F32, &train, 256).total();
         assert!(
-            rel.abs() < 0.05,
-            "{trainable:?} {objective:?}: estimate {got} against {peak:e} measured"
+            plan >= peak && plan < 1.35 * peak,
+            "{trainable:?} {objective:?}: planned {plan:e} against {peak:e} measured"
         );
     }
 }

@@ -25,6 +25,9 @@ mod vector_math;
 pub use attention::{attention_mask, Attention, Visible};
 pub use batch::Batch;
 pub use block::Block;
+/// Rows up to which a product takes the decode path (matrix-vector kernels, quantized
+/// blocks where the model has them).
+pub(crate) use gemv::MAX_ROWS as DECODE_ROWS;
 pub use linear::Projection;
 pub use llama::Llama;
 pub use lora::LoraConfig;
