@@ -17,7 +17,7 @@ mod support;
 
 use anyhow::Result;
 use clap::Parser;
-use modification::conversion::{evaluate_sources, original_perplexity};
+use modification::conversion::{evaluate_sources, original_perplexity, summarize_held_out};
 use modification::mixture_of_depths::RouterKind;
 use modification::{Checkpoint, Llama, ModModel};
 
@@ -72,17 +72,13 @@ fn main() -> Result<()> {
     for &shift in &args.shifts {
         let model = converted.with_router(converted.config().router.shifted(shift))?;
         let evals = evaluate_sources(&model, &corpus, false)?;
-        let n = evals.len() as f64;
-        let ratios: Vec<f64> = (names.iter())
-            .map(|name| evals[*name].perplexity.perplexity / original[*name])
-            .collect();
-        let compute = evals.values().map(|e| e.compute_fraction).sum::<f64>() / n;
-        let skip = evals.values().map(|e| e.skip_fraction()).sum::<f64>() / n;
-        let worst = ratios.iter().copied().fold(f64::MIN, f64::max);
-        let mean = ratios.iter().sum::<f64>() / n;
-        print!("{shift:>+7.2} {compute:>8.3} {skip:>6.3} {worst:>7.3} {mean:>7.3}");
-        for r in &ratios {
-            print!(" {r:>7.3}");
+        let r = summarize_held_out(&original, &evals)?;
+        print!(
+            "{shift:>+7.2} {:>8.3} {:>6.3} {:>7.3} {:>7.3}",
+            r.compute_fraction, r.skip_fraction, r.worst_perplexity_ratio, r.mean_perplexity_ratio
+        );
+        for name in &names {
+            print!(" {:>7.3}", r.sources[*name].ratio);
         }
         println!();
     }

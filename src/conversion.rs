@@ -120,6 +120,60 @@ impl ConversionReport {
     }
 }
 
+/// Held-out results over the sources, reduced as [`ConversionReport`] reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldOutSummary {
+    /// Per source.
+    pub sources: BTreeMap<String, SourceResult>,
+    /// Kept fraction per routed layer, mean over sources.
+    pub kept_per_layer: BTreeMap<usize, f64>,
+    /// Fraction of (token, routed layer) computations skipped, mean over routed layers.
+    pub skip_fraction: f64,
+    /// Largest perplexity ratio converted / original over the sources.
+    pub worst_perplexity_ratio: f64,
+    /// Mean perplexity ratio over the sources.
+    pub mean_perplexity_ratio: f64,
+    /// Compute fraction of the whole model, mean over sources.
+    pub compute_fraction: f64,
+    /// KV-cache ratio, mean over sources.
+    pub kv_fraction: f64,
+}
+
+/// Reduces the converted model's evaluation of each source (from [`evaluate_sources`])
+/// against the original's perplexity of the same source (from [`original_perplexity`]).
+///
+/// Errors: [`Error::InvalidArgument`] naming a source `original` lacks.
+pub fn summarize_held_out(
+    original: &BTreeMap<String, f64>,
+    evals: &BTreeMap<String, RoutedEval>,
+) -> Result<HeldOutSummary> {
+    let mut sources = BTreeMap::new();
+    for (name, e) in evals {
+        let o = original.get(name).ok_or_else(|| {
+            Error::InvalidArgument(format!("no original perplexity for source {name}"))
+        })?;
+        sources.insert(name.clone(), SourceResult::new(*o, e));
+    }
+    let n = sources.len().max(1) as f64;
+    let mut kept_per_layer: BTreeMap<usize, f64> = BTreeMap::new();
+    for e in evals.values() {
+        for (j, f) in &e.kept_fraction {
+            *kept_per_layer.entry(*j).or_default() += f / n;
+        }
+    }
+    let mean = |f: fn(&SourceResult) -> f64| sources.values().map(f).sum::<f64>() / n;
+    Ok(HeldOutSummary {
+        skip_fraction: 1.0
+            - kept_per_layer.values().sum::<f64>() / kept_per_layer.len().max(1) as f64,
+        kept_per_layer,
+        worst_perplexity_ratio: sources.values().map(|s| s.ratio).fold(0.0, f64::max),
+        mean_perplexity_ratio: mean(|s| s.ratio),
+        compute_fraction: mean(|s| s.compute),
+        kv_fraction: mean(|s| s.kv),
+        sources,
+    })
+}
+
 /// Perplexity of the original model on every source's held-out rows, by source name.
 ///
 /// Errors: those of [`eval::dense_rows_perplexity`].
@@ -222,30 +276,17 @@ pub fn finish_conversion(
     let time_ratio = prefill_time_ratio(dense, &converted, &long)?;
     let long_eval = eval::routed_rows_eval(&converted, std::slice::from_ref(&long), true)?;
 
-    let by_source = |evals: &BTreeMap<String, RoutedEval>| {
-        (evals.iter())
-            .map(|(name, e)| (name.clone(), SourceResult::new(original[name], e)))
-            .collect::<BTreeMap<_, _>>()
-    };
-    let sources = by_source(&held_out);
-    let n = sources.len().max(1) as f64;
-    let mut kept_per_layer: BTreeMap<usize, f64> = BTreeMap::new();
-    for e in held_out.values() {
-        for (j, f) in &e.kept_fraction {
-            *kept_per_layer.entry(*j).or_default() += f / n;
-        }
-    }
+    let summary = summarize_held_out(original, &held_out)?;
     let tc = trainer.config();
     Ok(ConversionReport {
-        causal: by_source(&causal),
-        skip_fraction: 1.0
-            - kept_per_layer.values().sum::<f64>() / kept_per_layer.len().max(1) as f64,
-        kept_per_layer,
-        worst_perplexity_ratio: sources.values().map(|s| s.ratio).fold(0.0, f64::max),
-        mean_perplexity_ratio: sources.values().map(|s| s.ratio).sum::<f64>() / n,
-        compute_fraction: sources.values().map(|s| s.compute).sum::<f64>() / n,
-        kv_fraction: sources.values().map(|s| s.kv).sum::<f64>() / n,
-        sources,
+        causal: summarize_held_out(original, &causal)?.sources,
+        skip_fraction: summary.skip_fraction,
+        kept_per_layer: summary.kept_per_layer,
+        worst_perplexity_ratio: summary.worst_perplexity_ratio,
+        mean_perplexity_ratio: summary.mean_perplexity_ratio,
+        compute_fraction: summary.compute_fraction,
+        kv_fraction: summary.kv_fraction,
+        sources: summary.sources,
         calibration,
         prefill: PrefillResult {
             tokens: long.len(),
