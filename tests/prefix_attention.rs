@@ -100,6 +100,10 @@ fn prefix_attention_equals_its_definition() {
     // A decode step and a chunk after a partially filled cache of 300 entries.
     cases.push((1, 3, 3, 1, 301, 64, vec![301]));
     cases.push((1, 3, 3, 5, 305, 64, causal(1, 5, 300)));
+    // Few queries per plane (the decode path: keys read row by row, no transposition),
+    // head width 40 (not a whole vector of sums), a padding slot, two rows.
+    cases.push((2, 3, 2, 2, 9, 40, vec![3, 9, 0, 5]));
+    cases.push((1, 2, 1, 1, 130, 40, vec![130]));
     for (b, n_kv, g, tq, tk, hd, visible) in cases {
         let what = format!("B {b}, KV heads {n_kv}, G {g}, Tq {tq}, Tk {tk}, hd {hd}");
         let gq = g * tq;

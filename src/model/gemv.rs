@@ -4,9 +4,8 @@
 //! each weight once and is bound by memory bandwidth. A general matmul packs the weight
 //! into blocks first, which reads and writes it again; here each output is a dot product
 //! of `x`'s row with a contiguous row of the `(out, in)` weight, read once, and the rows
-//! are split across threads.
-
-use rayon::prelude::*;
+//! are split across threads that stay awake between the products of a step
+//! ([`awake_pool`](super::awake_pool)).
 
 /// Rows of `x` up to which [`gemv`] beats the packed matmul.
 pub(crate) const MAX_ROWS: usize = 8;
@@ -15,21 +14,17 @@ pub(crate) const MAX_ROWS: usize = 8;
 /// row-major.
 pub(crate) fn gemv(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     debug_assert!(x.len() >= m * k && w.len() >= n * k);
-    // Blocks of outputs per task: big enough to amortise scheduling, small enough to
-    // balance two to a few dozen threads.
-    const BLOCK: usize = 64;
     let dot = dot_kernel();
     let mut out_t = vec![0f32; n * m];
-    let block_of_outputs = |(block, out): (usize, &mut [f32])| {
-        for (i, o) in out.chunks_mut(m).enumerate() {
-            let row = &w[(block * BLOCK + i) * k..][..k];
+    // Parts of whole 16-output groups, at least 32 outputs each.
+    super::awake_pool::fill_parts(&mut out_t, 16 * m, 32 * m, |offset, part| {
+        for (i, o) in part.chunks_mut(m).enumerate() {
+            let row = &w[(offset / m + i) * k..][..k];
             for (r, y) in o.iter_mut().enumerate() {
                 *y = dot(&x[r * k..][..k], row);
             }
         }
-    };
-    // Even a small weight is read faster by every core than by one.
-    (out_t.par_chunks_mut(BLOCK * m).enumerate()).for_each(block_of_outputs);
+    });
     outputs_by_row(out_t, m, n)
 }
 

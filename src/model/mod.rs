@@ -5,6 +5,7 @@
 //! its router kept (RoPE at the original positions, causal mask over original positions).
 
 pub mod attention;
+mod awake_pool;
 pub mod batch;
 pub mod block;
 pub mod flops;

@@ -13,7 +13,7 @@
 //! mask and run the composed ops ([`super::attention::Visible`]).
 
 use super::attention::{masked_value, prefix_mask_values};
-use super::vector_math::{exp, lane_max, lane_sum, madd};
+use super::vector_math::{exp, lane_max, lane_sum, madd, LANES};
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -134,9 +134,29 @@ impl CustomOp3 for PrefixAttention {
             Planes::new(s2, l2)?,
             Planes::new(s3, l3)?,
         );
+        let tk_pad = tk.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        if gq <= GROUP {
+            // A decode step: each plane's queries are one group. Transposing the keys would
+            // cost as much as reading them once, and the planes are too few and too small
+            // to be worth waking rayon's threads for.
+            let plane_len = gq * hd;
+            let mut out = vec![0f32; b * n_kv * plane_len];
+            let kernel = kernel(Keys::Rows);
+            super::awake_pool::fill_parts(&mut out, plane_len, plane_len, |offset, part| {
+                let mut group = Group::new(hd, tk_pad);
+                for (i, out_plane) in part.chunks_mut(plane_len).enumerate() {
+                    let plane = offset / plane_len + i;
+                    let (bi, h) = (plane / n_kv, plane % n_kv);
+                    let visible = &self.visible[bi * self.tq..][..self.tq];
+                    group.load(q.plane(bi, h, plane_len), |r| visible[r % self.tq]);
+                    let (keys, values) = (k.plane(bi, h, tk * hd), v.plane(bi, h, tk * hd));
+                    kernel(&mut group, keys, values, self.scale, out_plane);
+                }
+            });
+            return Ok((CpuStorage::F32(out), Shape::from((b, n_kv, gq, hd))));
+        }
         // Keys transposed per plane in blocks of `KEY_BLOCK` keys, `(blocks, hd, KEY_BLOCK)`,
         // so that the score loop reads each block as one contiguous run.
-        let tk_pad = tk.div_ceil(KEY_BLOCK) * KEY_BLOCK;
         let planes: Vec<(usize, usize)> = (0..b)
             .flat_map(|bi| (0..n_kv).map(move |h| (bi, h)))
             .collect();
@@ -144,7 +164,7 @@ impl CustomOp3 for PrefixAttention {
             .par_iter()
             .map(|&(bi, h)| transpose_keys(k.plane(bi, h, tk * hd), tk, hd, tk_pad))
             .collect();
-        let kernel = kernel();
+        let kernel = kernel(Keys::Transposed);
         let mut out = vec![0f32; b * n_kv * gq * hd];
         (out.par_chunks_mut(gq * hd)
             .zip(planes.par_iter())
@@ -258,53 +278,100 @@ impl Group {
     }
 }
 
-/// A group's attention: `(group, keys_t, values, scale, out)`, `out` `(m, hd)`.
+/// How a kernel reads a plane's keys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keys {
+    /// In transposed blocks (see [`transpose_keys`]): each block of `KEY_BLOCK` keys is
+    /// read once for all the group's queries, at full vector width.
+    Transposed,
+    /// `(Tk, hd)` row-major, as stored: one dot product per query and key, for a group
+    /// too small to pay for the transposition.
+    Rows,
+}
+
+/// A group's attention: `(group, keys, values, scale, out)`, `out` `(m, hd)`, the keys laid
+/// out as the kernel's [`Keys`] says.
 type Kernel = fn(&mut Group, &[f32], &[f32], f32, &mut [f32]);
 
-/// The group kernel compiled for the widest vector instructions this CPU has.
-fn kernel() -> Kernel {
+/// The group kernel for keys laid out as `keys`, compiled for the widest vector
+/// instructions this CPU has.
+fn kernel(keys: Keys) -> Kernel {
+    let rows = keys == Keys::Rows;
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            return |g, kt, v, s, o| unsafe { group_avx512(g, kt, v, s, o) };
+            // SAFETY (both): the CPU supports AVX-512F, checked just above.
+            return match rows {
+                false => |g, k, v, s, o| unsafe { group_avx512::<false>(g, k, v, s, o) },
+                true => |g, k, v, s, o| unsafe { group_avx512::<true>(g, k, v, s, o) },
+            };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return |g, kt, v, s, o| unsafe { group_avx2(g, kt, v, s, o) };
+            // SAFETY (both): the CPU supports AVX2 and FMA, checked just above.
+            return match rows {
+                false => |g, k, v, s, o| unsafe { group_avx2::<false>(g, k, v, s, o) },
+                true => |g, k, v, s, o| unsafe { group_avx2::<true>(g, k, v, s, o) },
+            };
         }
     }
-    attend_group::<false>
+    match rows {
+        false => attend_group::<false, false>,
+        true => attend_group::<false, true>,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-fn group_avx512(group: &mut Group, kt: &[f32], v: &[f32], scale: f32, out: &mut [f32]) {
-    attend_group::<true>(group, kt, v, scale, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn group_avx2(group: &mut Group, kt: &[f32], v: &[f32], scale: f32, out: &mut [f32]) {
-    attend_group::<true>(group, kt, v, scale, out)
-}
-
-/// `out[r] = softmax(q_r·K[..n_r]ᵀ·scale)·V[..n_r]` for the group's queries; zero where
-/// `n_r = 0`. `kt`: the keys in transposed blocks (see [`transpose_keys`]); `v`:
-/// `(Tk, hd)`. Plain loops over fixed-width blocks, so that they vectorise at the width
-/// the caller is compiled for, with `GROUP × 4` vectors of sums in registers.
-#[inline(always)]
-fn attend_group<const FMA: bool>(
+fn group_avx512<const ROWS: bool>(
     group: &mut Group,
-    kt: &[f32],
+    keys: &[f32],
     v: &[f32],
     scale: f32,
     out: &mut [f32],
 ) {
-    let (hd, tk_pad) = (group.hd, group.tk_pad);
+    attend_group::<true, ROWS>(group, keys, v, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn group_avx2<const ROWS: bool>(
+    group: &mut Group,
+    keys: &[f32],
+    v: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    attend_group::<true, ROWS>(group, keys, v, scale, out)
+}
+
+/// `out[r] = softmax(q_r·K[..n_r]ᵀ·scale)·V[..n_r]` for the group's queries; zero where
+/// `n_r = 0`. `keys`: row-major `(Tk, hd)` if `ROWS`, else in transposed blocks; `v`:
+/// `(Tk, hd)`. Plain loops over fixed-width blocks, so that they vectorise at the width
+/// the caller is compiled for.
+#[inline(always)]
+fn attend_group<const FMA: bool, const ROWS: bool>(
+    group: &mut Group,
+    keys: &[f32],
+    v: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
     let longest = group.visible.iter().copied().max().unwrap_or(0);
     let blocks = longest.div_ceil(KEY_BLOCK);
     // Scores of every query against the keys any of them sees.
+    if ROWS {
+        row_scores::<FMA>(group, keys, longest, out.len() / group.hd, scale);
+    } else {
+        transposed_scores::<FMA>(group, keys, blocks, scale);
+    }
+    softmax_and_values::<FMA>(group, v, blocks, longest, out);
+}
+
+/// Scores of the group's queries against `blocks` blocks of transposed keys, `GROUP × 4`
+/// vectors of sums in registers.
+#[inline(always)]
+fn transposed_scores<const FMA: bool>(group: &mut Group, kt: &[f32], blocks: usize, scale: f32) {
+    let (hd, tk_pad) = (group.hd, group.tk_pad);
     for (block, keys) in kt.chunks_exact(hd * KEY_BLOCK).take(blocks).enumerate() {
         let mut acc = [[0f32; KEY_BLOCK]; GROUP];
         for (d, keys) in keys.chunks_exact(KEY_BLOCK).enumerate() {
@@ -322,6 +389,47 @@ fn attend_group<const FMA: bool>(
             }
         }
     }
+}
+
+/// Scores of the first `rows` queries against the first `longest` keys of `k` `(Tk, hd)`
+/// row-major: one dot product with `LANES` partial sums per query and key.
+#[inline(always)]
+fn row_scores<const FMA: bool>(
+    group: &mut Group,
+    k: &[f32],
+    longest: usize,
+    rows: usize,
+    scale: f32,
+) {
+    let (hd, tk_pad) = (group.hd, group.tk_pad);
+    let whole = hd / LANES * LANES;
+    for (j, key) in k.chunks_exact(hd).take(longest).enumerate() {
+        for r in 0..rows {
+            let q = &group.queries[r * hd..][..hd];
+            let mut acc = [0f32; LANES];
+            for (qc, kc) in q[..whole].chunks_exact(LANES).zip(key.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] = madd::<FMA>(qc[l], kc[l], acc[l]);
+                }
+            }
+            let tail: f32 = (q[whole..].iter().zip(&key[whole..]))
+                .map(|(a, b)| a * b)
+                .sum();
+            group.scores[r * tk_pad + j] = (acc.iter().sum::<f32>() + tail) * scale;
+        }
+    }
+}
+
+/// Softmax of each query's scores over its visible keys, then `out[r] = Σ_j p_rj · V_j`.
+#[inline(always)]
+fn softmax_and_values<const FMA: bool>(
+    group: &mut Group,
+    v: &[f32],
+    blocks: usize,
+    longest: usize,
+    out: &mut [f32],
+) {
+    let (hd, tk_pad) = (group.hd, group.tk_pad);
     // Softmax of each query over its own visible keys; 0 beyond them.
     let mut inv = [0f32; GROUP];
     for (r, &n) in group.visible.iter().enumerate() {

@@ -5,7 +5,7 @@
 //! vectorised Q4_1 kernel (its Q4_1 products run at a tenth of its Q4_0 ones here), and
 //! its quantized kernels run on a thread pool of their own that contends with rayon's on a
 //! small machine. So the blocks are read once, unpacked to f32 in registers and multiplied
-//! with the f32 activations directly, rows of outputs split across rayon's threads as in
+//! with the f32 activations directly, rows of outputs split across threads as in
 //! [`gemv`](super::gemv): a fifth (Q4_1) or a quarter (Q8_0) of the f32 weight's bytes,
 //! and no 8-bit quantization of the activations (which costs llama.cpp's and candle's
 //! integer kernels about 0.9% of perplexity on SmolLM2).
@@ -16,8 +16,6 @@
 //!   `d · code + m`. A block's dot product with `x` is `d · Σ code·x + m · Σ x`, and
 //!   `Σ x` per block is computed once per row of `x`.
 //! - Q8_0, 34 bytes: f16 scale `d`, 32 signed 8-bit codes; weight = `d · code`.
-
-use rayon::prelude::*;
 
 /// Weights per block.
 pub(crate) const BLOCK: usize = 32;
@@ -62,27 +60,16 @@ pub(crate) fn gemv_blocks(
         .map(|c| c.iter().sum())
         .collect();
     let dot = row_kernel(format);
-    const OUTPUTS_PER_TASK: usize = 64;
     let mut out_t = vec![0f32; n * m];
-    let task = |(task, out): (usize, &mut [f32])| {
-        for (i, o) in out.chunks_mut(m).enumerate() {
-            let row = &w[(task * OUTPUTS_PER_TASK + i) * row_bytes..][..row_bytes];
+    // Parts of whole 16-output groups, at least 32 outputs each.
+    super::awake_pool::fill_parts(&mut out_t, 16 * m, 32 * m, |offset, part| {
+        for (i, o) in part.chunks_mut(m).enumerate() {
+            let row = &w[(offset / m + i) * row_bytes..][..row_bytes];
             for (r, y) in o.iter_mut().enumerate() {
                 *y = dot(row, &x[r * k..][..k], &sums[r * blocks..][..blocks]);
             }
         }
-    };
-    // Waking the other threads costs more than reading a small matrix alone.
-    const PARALLEL_BYTES: usize = 256 << 10;
-    let tasks = out_t.chunks_mut(OUTPUTS_PER_TASK * m).enumerate();
-    if n * row_bytes < PARALLEL_BYTES {
-        tasks.for_each(task);
-    } else {
-        out_t
-            .par_chunks_mut(OUTPUTS_PER_TASK * m)
-            .enumerate()
-            .for_each(task);
-    }
+    });
     super::gemv::outputs_by_row(out_t, m, n)
 }
 
