@@ -54,16 +54,24 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k) = mnk(l1, l2)?;
-        // A few rows against a weight stored `(out, in)` (its transpose is the operand):
-        // a decode step, bound by reading the weight once.
+        // A weight stored `(out, in)` (its transpose is the operand): a few rows are a
+        // decode step, bound by reading the weight once; up to a few hundred, a short
+        // prompt, where tiles of dot products beat packing both operands.
         let weight_rows = l2.stride() == [1, k];
-        if let (CpuStorage::F32(x), CpuStorage::F32(w), true, true) =
-            (s1, s2, m <= super::gemv::MAX_ROWS, weight_rows)
-        {
+        if let (CpuStorage::F32(x), CpuStorage::F32(w), true) = (s1, s2, weight_rows) {
             let w0 = l2.start_offset();
             if let (Some((x0, x1)), Some(w)) = (l1.contiguous_offsets(), w.get(w0..w0 + n * k)) {
-                let y = super::gemv::gemv(&x[x0..x1], m, k, w, n);
-                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+                let x = &x[x0..x1];
+                let y = if m <= super::gemv::MAX_ROWS {
+                    Some(super::gemv::gemv(x, m, k, w, n))
+                } else if m <= super::dot_tiles::MAX_ROWS {
+                    super::dot_tiles::matmul_wt(x, m, k, w, n)
+                } else {
+                    None
+                };
+                if let Some(y) = y {
+                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+                }
             }
         }
         Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
@@ -247,3 +255,4 @@ impl Projection {
         }
     }
 }
+

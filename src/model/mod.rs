@@ -8,6 +8,7 @@ pub mod attention;
 mod awake_pool;
 pub mod batch;
 pub mod block;
+mod dot_tiles;
 pub mod flops;
 pub mod fused;
 mod gemv;

@@ -252,6 +252,8 @@ struct Group {
     visible: [usize; GROUP],
     /// `(GROUP, tk_pad)`: scores, then probabilities, 0 past each query's visible keys.
     scores: Vec<f32>,
+    /// `(keys, GROUP)`: the probabilities of the keys any query sees, transposed.
+    probs_t: Vec<f32>,
     hd: usize,
     tk_pad: usize,
 }
@@ -262,6 +264,7 @@ impl Group {
             queries: vec![0.0; GROUP * hd],
             visible: [0; GROUP],
             scores: vec![0.0; GROUP * tk_pad],
+            probs_t: Vec::with_capacity(GROUP * tk_pad),
             hd,
             tk_pad,
         }
@@ -420,6 +423,47 @@ fn row_scores<const FMA: bool>(
     }
 }
 
+/// `Σ_j p_rj · V_j[start..start + VALUE_BLOCK]` for each query `r` of the group, over the
+/// keys of `probs_t` `(keys, GROUP)`. The sums live in registers: a function of their own,
+/// so that nothing else takes the address of `acc`.
+#[inline(always)]
+fn value_block<const FMA: bool>(
+    v: &[f32],
+    hd: usize,
+    start: usize,
+    probs_t: &[f32],
+) -> [[f32; VALUE_BLOCK]; GROUP] {
+    let mut acc = [[0f32; VALUE_BLOCK]; GROUP];
+    for (row, p) in v.chunks_exact(hd).zip(probs_t.chunks_exact(GROUP)) {
+        let value = &row[start..][..VALUE_BLOCK];
+        for r in 0..GROUP {
+            for l in 0..VALUE_BLOCK {
+                acc[r][l] = madd::<FMA>(p[r], value[l], acc[r][l]);
+            }
+        }
+    }
+    acc
+}
+
+/// [`value_block`] for the last `hd - start < VALUE_BLOCK` head dimensions (zero beyond).
+#[inline(always)]
+fn narrow_value_block<const FMA: bool>(
+    v: &[f32],
+    hd: usize,
+    start: usize,
+    probs_t: &[f32],
+) -> [[f32; VALUE_BLOCK]; GROUP] {
+    let mut acc = [[0f32; VALUE_BLOCK]; GROUP];
+    for (row, p) in v.chunks_exact(hd).zip(probs_t.chunks_exact(GROUP)) {
+        for (acc, &p) in acc.iter_mut().zip(p) {
+            for (a, &x) in acc.iter_mut().zip(&row[start..]) {
+                *a = madd::<FMA>(p, x, *a);
+            }
+        }
+    }
+    acc
+}
+
 /// Softmax of each query's scores over its visible keys, then `out[r] = Σ_j p_rj · V_j`.
 #[inline(always)]
 fn softmax_and_values<const FMA: bool>(
@@ -445,32 +489,23 @@ fn softmax_and_values<const FMA: bool>(
         }
     }
     // The weighted sums of values, `VALUE_BLOCK` head dimensions at a time in registers
-    // (a head width that is not a multiple of it takes the narrower remainder pass).
+    // (a head width that is not a multiple of it takes the narrower remainder pass), with
+    // the probabilities transposed to `(longest, GROUP)` so that each key's are one read.
     let rows = out.len() / hd;
-    let probs: [&[f32]; GROUP] = std::array::from_fn(|r| &group.scores[r * tk_pad..][..longest]);
+    group.probs_t.resize(longest * GROUP, 0.0);
+    for (r, probs) in group.scores.chunks_exact(tk_pad).enumerate() {
+        for (j, &p) in probs[..longest].iter().enumerate() {
+            group.probs_t[j * GROUP + r] = p;
+        }
+    }
+    let probs_t = &group.probs_t[..];
     for start in (0..hd).step_by(VALUE_BLOCK) {
         let w = VALUE_BLOCK.min(hd - start);
-        let mut acc = [[0f32; VALUE_BLOCK]; GROUP];
-        let values = v.chunks_exact(hd).take(longest).map(|row| &row[start..]);
-        if w == VALUE_BLOCK {
-            for (j, value) in values.enumerate() {
-                let value = &value[..VALUE_BLOCK];
-                let p: [f32; GROUP] = std::array::from_fn(|r| probs[r][j]);
-                for r in 0..GROUP {
-                    for l in 0..VALUE_BLOCK {
-                        acc[r][l] = madd::<FMA>(p[r], value[l], acc[r][l]);
-                    }
-                }
-            }
+        let acc = if w == VALUE_BLOCK {
+            value_block::<FMA>(v, hd, start, probs_t)
         } else {
-            for (j, value) in values.enumerate() {
-                for (acc, probs) in acc.iter_mut().zip(&probs) {
-                    for (a, &x) in acc.iter_mut().zip(&value[..w]) {
-                        *a = madd::<FMA>(probs[j], x, *a);
-                    }
-                }
-            }
-        }
+            narrow_value_block::<FMA>(v, hd, start, probs_t)
+        };
         for r in 0..rows {
             for (o, a) in out[r * hd + start..][..w].iter_mut().zip(acc[r]) {
                 *o = a * inv[r];
