@@ -7,8 +7,10 @@
 //! `576 × 576` product from memory took 115 µs on rayon, 97 µs on one thread and 50 µs on
 //! two threads that wait for work by spinning (`576 × 192`: 64 / 31 / 17 µs). This is what
 //! llama.cpp's threads do between the operations of a step. Here the helper threads spin
-//! for [`SPIN`] after their last part of a product, then park, so an idle process keeps
-//! no core busy.
+//! for [`SPIN`] after their last part of a decode product, then park, so an idle process
+//! keeps no core busy. After a prefill's product they park at once: a prefill's products
+//! take milliseconds, waking costs little against them, and a spinning helper would take
+//! a core from the rayon threads of the attention and the element-wise ops between them.
 //!
 //! One product runs on the pool at a time; a caller that finds it busy (another thread
 //! decoding at the same time) runs its product on rayon instead.
@@ -19,25 +21,33 @@ use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-/// How long a helper waits for the next part by spinning before it parks: longer than
-/// the gaps between the products of one decode step (attention, norms, sampling), short
-/// enough that a process that stops decoding frees its cores at once.
+/// How long a helper waits for the next part by spinning before it parks, after a
+/// [`Next::Soon`] product: longer than the gaps between the products of one decode step
+/// (attention, norms, sampling), short enough that a process that stops decoding frees
+/// its cores at once.
 const SPIN: Duration = Duration::from_millis(2);
+
+/// When the caller expects its next product on the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Within microseconds (a decode step): the helpers spin for [`SPIN`].
+    Soon,
+    /// Not soon enough to spin for (a prefill): the helpers park at once.
+    Later,
+}
 
 /// Splits `out` into at most one contiguous part per thread, each a multiple of `granule`
 /// elements (the last takes the rest) and at least `min_part` elements long, and calls
 /// `fill(offset, part)` for each part, where `offset` is the part's first index in `out`.
 /// The parts run at once on the caller and the pool's helpers; the call returns when all
-/// are filled. A panic in `fill` is re-raised on the caller once every part has stopped.
-pub(crate) fn fill_parts<F>(out: &mut [f32], granule: usize, min_part: usize, fill: F)
+/// are filled. `next` tells the helpers whether to spin for the caller's next product.
+/// A panic in `fill` is re-raised on the caller once every part has stopped.
+pub(crate) fn fill_parts<F>(out: &mut [f32], granule: usize, min_part: usize, next: Next, fill: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    let granule = granule.max(1);
-    let pool = pool();
-    let most_parts = (out.len() / min_part.max(1)).clamp(1, pool.helpers.len() + 1);
-    let part_len = out.len().div_ceil(most_parts).div_ceil(granule) * granule;
-    if most_parts == 1 || part_len >= out.len() {
+    let part_len = part_len(out.len(), granule, min_part);
+    if part_len >= out.len() {
         fill(0, out);
         return;
     }
@@ -46,13 +56,47 @@ where
         .enumerate()
         .map(|(i, part)| Mutex::new((i * part_len, part)))
         .collect();
-    let run_part = |i: usize| {
+    run_parts(parts.len(), next, &|i: usize| {
         if let Some(part) = parts.get(i) {
             let mut part = part.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let (offset, values) = &mut *part;
             fill(*offset, values);
         }
-    };
+    });
+}
+
+/// Splits `0..len` as [`fill_parts`] splits its output and calls `run(range)` for each
+/// part at once on the caller and the pool's helpers; returns when all have returned.
+pub(crate) fn for_each_range<F>(len: usize, granule: usize, min_part: usize, next: Next, run: F)
+where
+    F: Fn(std::ops::Range<usize>) + Sync,
+{
+    let part_len = part_len(len, granule, min_part);
+    if part_len >= len {
+        run(0..len);
+        return;
+    }
+    run_parts(len.div_ceil(part_len), next, &|i: usize| {
+        run(i * part_len..((i + 1) * part_len).min(len));
+    });
+}
+
+/// The length of each part (the last may be shorter) when `len` elements are split into
+/// at most one part per thread, each a multiple of `granule` and at least `min_part` long;
+/// `len` itself (or more) when they are not split.
+fn part_len(len: usize, granule: usize, min_part: usize) -> usize {
+    let granule = granule.max(1);
+    let most_parts = (len / min_part.max(1)).clamp(1, pool().helpers.len() + 1);
+    if most_parts == 1 {
+        return len.max(1);
+    }
+    len.div_ceil(most_parts).div_ceil(granule) * granule
+}
+
+/// Runs `job(i)` for `i` in `0..parts` on the pool, or on rayon while another thread's
+/// product holds the pool.
+fn run_parts(parts: usize, next: Next, job: &Job<'_>) {
+    let pool = pool();
     // A panic re-raised by `run` poisons the lock; the pool itself is still sound.
     let only_product = match pool.busy.try_lock() {
         Ok(guard) => Some(guard),
@@ -60,10 +104,10 @@ where
         Err(TryLockError::WouldBlock) => None,
     };
     match only_product {
-        Some(_guard) => pool.run(parts.len(), &run_part),
+        Some(_guard) => pool.run(parts, next, job),
         None => {
             use rayon::prelude::*;
-            (0..parts.len()).into_par_iter().for_each(run_part);
+            (0..parts).into_par_iter().for_each(job);
         }
     }
 }
@@ -85,8 +129,8 @@ struct Slot {
     posted: AtomicU64,
     /// The value of `posted` whose part the helper has finished.
     finished: AtomicU64,
-    /// The job of the latest post, and the part the helper fills.
-    job: Mutex<Option<(JobPtr, usize)>>,
+    /// The job of the latest post, the part the helper fills, and whether to spin after.
+    job: Mutex<Option<(JobPtr, usize, Next)>>,
     /// Set by the helper just before it parks.
     parked: AtomicBool,
     /// Set when a part panicked on the helper.
@@ -138,7 +182,7 @@ fn pool() -> &'static Pool {
 impl Pool {
     /// Runs `job(0)` on the caller and `job(i)` for `i` in `1..parts` on helper `i - 1`;
     /// returns when every part is done.
-    fn run(&self, parts: usize, job: &Job<'_>) {
+    fn run(&self, parts: usize, next: Next, job: &Job<'_>) {
         // SAFETY: only the lifetime is erased; `job` outlives every use by a helper,
         // because this function waits below until each helper it posted to has finished.
         let erased: JobPtr =
@@ -147,7 +191,7 @@ impl Pool {
             .enumerate()
             .map(|(i, helper)| {
                 let slot = &helper.slot;
-                *slot.job.lock().unwrap_or_else(|p| p.into_inner()) = Some((erased, i + 1));
+                *slot.job.lock().unwrap_or_else(|p| p.into_inner()) = Some((erased, i + 1, next));
                 let number = slot.posted.fetch_add(1, Ordering::SeqCst) + 1;
                 if slot.parked.swap(false, Ordering::SeqCst) {
                     helper.thread.unpark();
@@ -175,12 +219,16 @@ impl Pool {
 
 /// A helper's life: wait for a post (spinning, then parked), fill its part, report.
 fn help(slot: &Slot) {
-    let mut seen = 0u64;
+    let (mut seen, mut spin) = (0u64, Duration::ZERO);
     loop {
-        let number = wait_for_post(slot, seen);
+        let number = wait_for_post(slot, seen, spin);
         seen = number;
         let job = *slot.job.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((JobPtr(job), part)) = job {
+        if let Some((JobPtr(job), part, next)) = job {
+            spin = match next {
+                Next::Soon => SPIN,
+                Next::Later => Duration::ZERO,
+            };
             // SAFETY: the poster waits for `finished == number` before `job` goes away.
             let job: &Job<'static> = unsafe { &*job };
             if catch_unwind(AssertUnwindSafe(|| job(part))).is_err() {
@@ -191,8 +239,9 @@ fn help(slot: &Slot) {
     }
 }
 
-/// Returns the first value of `slot.posted` other than `seen`.
-fn wait_for_post(slot: &Slot, seen: u64) -> u64 {
+/// Returns the first value of `slot.posted` other than `seen`, spinning for `spin` before
+/// the helper parks.
+fn wait_for_post(slot: &Slot, seen: u64, spin: Duration) -> u64 {
     loop {
         let since = Instant::now();
         let mut spins = 0u32;
@@ -203,7 +252,7 @@ fn wait_for_post(slot: &Slot, seen: u64) -> u64 {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && since.elapsed() >= SPIN {
+            if spins % 1024 == 0 && since.elapsed() >= spin {
                 break;
             }
         }
@@ -226,7 +275,7 @@ mod tests {
         for (len, granule, min_part) in [(0, 1, 1), (1, 64, 64), (100, 1, 1), (1000, 64, 32)] {
             for _round in 0..3 {
                 let mut out = vec![-1f32; len];
-                fill_parts(&mut out, granule, min_part, |offset, part| {
+                fill_parts(&mut out, granule, min_part, Next::Soon, |offset, part| {
                     for (i, v) in part.iter_mut().enumerate() {
                         *v += (offset + i) as f32 + 1.0;
                     }
@@ -244,7 +293,7 @@ mod tests {
                 s.spawn(move || {
                     for round in 0..50 {
                         let mut out = vec![0f32; 4096];
-                        fill_parts(&mut out, 16, 16, |offset, part| {
+                        fill_parts(&mut out, 16, 16, Next::Later, |offset, part| {
                             for (i, v) in part.iter_mut().enumerate() {
                                 *v = (offset + i + t + round) as f32;
                             }
@@ -262,7 +311,7 @@ mod tests {
     fn a_panicking_part_reaches_the_caller_and_the_pool_still_works() {
         let result = catch_unwind(|| {
             let mut out = vec![0f32; 4096];
-            fill_parts(&mut out, 1, 1, |offset, _| {
+            fill_parts(&mut out, 1, 1, Next::Soon, |offset, _| {
                 if offset > 0 {
                     panic!("part at {offset}");
                 }
@@ -271,7 +320,9 @@ mod tests {
         // With one thread there is no helper part, and nothing panics.
         assert_eq!(result.is_err(), pool().helpers.len() > 0);
         let mut out = vec![0f32; 4096];
-        fill_parts(&mut out, 1, 1, |offset, part| part.fill(offset as f32));
+        fill_parts(&mut out, 1, 1, Next::Later, |offset, part| {
+            part.fill(offset as f32)
+        });
         let last_part = if pool().helpers.is_empty() {
             0.0
         } else {

@@ -17,14 +17,20 @@ pub(crate) fn gemv(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
     let dot = dot_kernel();
     let mut out_t = vec![0f32; n * m];
     // Parts of whole 16-output groups, at least 32 outputs each.
-    super::awake_pool::fill_parts(&mut out_t, 16 * m, 32 * m, |offset, part| {
-        for (i, o) in part.chunks_mut(m).enumerate() {
-            let row = &w[(offset / m + i) * k..][..k];
-            for (r, y) in o.iter_mut().enumerate() {
-                *y = dot(&x[r * k..][..k], row);
+    super::awake_pool::fill_parts(
+        &mut out_t,
+        16 * m,
+        32 * m,
+        super::awake_pool::Next::Soon,
+        |offset, part| {
+            for (i, o) in part.chunks_mut(m).enumerate() {
+                let row = &w[(offset / m + i) * k..][..k];
+                for (r, y) in o.iter_mut().enumerate() {
+                    *y = dot(&x[r * k..][..k], row);
+                }
             }
-        }
-    });
+        },
+    );
     outputs_by_row(out_t, m, n)
 }
 

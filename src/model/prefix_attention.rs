@@ -142,17 +142,23 @@ impl CustomOp3 for PrefixAttention {
             let plane_len = gq * hd;
             let mut out = vec![0f32; b * n_kv * plane_len];
             let kernel = kernel(Keys::Rows);
-            super::awake_pool::fill_parts(&mut out, plane_len, plane_len, |offset, part| {
-                let mut group = Group::new(hd, tk_pad);
-                for (i, out_plane) in part.chunks_mut(plane_len).enumerate() {
-                    let plane = offset / plane_len + i;
-                    let (bi, h) = (plane / n_kv, plane % n_kv);
-                    let visible = &self.visible[bi * self.tq..][..self.tq];
-                    group.load(q.plane(bi, h, plane_len), |r| visible[r % self.tq]);
-                    let (keys, values) = (k.plane(bi, h, tk * hd), v.plane(bi, h, tk * hd));
-                    kernel(&mut group, keys, values, self.scale, out_plane);
-                }
-            });
+            super::awake_pool::fill_parts(
+                &mut out,
+                plane_len,
+                plane_len,
+                super::awake_pool::Next::Soon,
+                |offset, part| {
+                    let mut group = Group::new(hd, tk_pad);
+                    for (i, out_plane) in part.chunks_mut(plane_len).enumerate() {
+                        let plane = offset / plane_len + i;
+                        let (bi, h) = (plane / n_kv, plane % n_kv);
+                        let visible = &self.visible[bi * self.tq..][..self.tq];
+                        group.load(q.plane(bi, h, plane_len), |r| visible[r % self.tq]);
+                        let (keys, values) = (k.plane(bi, h, tk * hd), v.plane(bi, h, tk * hd));
+                        kernel(&mut group, keys, values, self.scale, out_plane);
+                    }
+                },
+            );
             return Ok((CpuStorage::F32(out), Shape::from((b, n_kv, gq, hd))));
         }
         // Keys transposed per plane in blocks of `KEY_BLOCK` keys, `(blocks, hd, KEY_BLOCK)`,
