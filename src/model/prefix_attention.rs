@@ -258,8 +258,6 @@ struct Group {
     visible: [usize; GROUP],
     /// `(GROUP, tk_pad)`: scores, then probabilities, 0 past each query's visible keys.
     scores: Vec<f32>,
-    /// `(keys, GROUP)`: the probabilities of the keys any query sees, transposed.
-    probs_t: Vec<f32>,
     hd: usize,
     tk_pad: usize,
 }
@@ -270,7 +268,6 @@ impl Group {
             queries: vec![0.0; GROUP * hd],
             visible: [0; GROUP],
             scores: vec![0.0; GROUP * tk_pad],
-            probs_t: Vec::with_capacity(GROUP * tk_pad),
             hd,
             tk_pad,
         }
@@ -430,18 +427,22 @@ fn row_scores<const FMA: bool>(
 }
 
 /// `Σ_j p_rj · V_j[start..start + VALUE_BLOCK]` for each query `r` of the group, over the
-/// keys of `probs_t` `(keys, GROUP)`. The sums live in registers: a function of their own,
-/// so that nothing else takes the address of `acc`.
+/// keys `j < probs[r].len()` (every row of `probs` as long, at most `v`'s rows). The sums
+/// live in registers: a function of their own, so that nothing else takes the address of
+/// `acc` (sharing it with the narrow loop made LLVM store all 24 vectors on every key).
 #[inline(always)]
 fn value_block<const FMA: bool>(
     v: &[f32],
     hd: usize,
     start: usize,
-    probs_t: &[f32],
+    probs: &[&[f32]; GROUP],
 ) -> [[f32; VALUE_BLOCK]; GROUP] {
     let mut acc = [[0f32; VALUE_BLOCK]; GROUP];
-    for (row, p) in v.chunks_exact(hd).zip(probs_t.chunks_exact(GROUP)) {
+    let keys = probs[0].len();
+    let probs: [&[f32]; GROUP] = std::array::from_fn(|r| &probs[r][..keys]);
+    for (j, row) in v.chunks_exact(hd).take(keys).enumerate() {
         let value = &row[start..][..VALUE_BLOCK];
+        let p: [f32; GROUP] = std::array::from_fn(|r| probs[r][j]);
         for r in 0..GROUP {
             for l in 0..VALUE_BLOCK {
                 acc[r][l] = madd::<FMA>(p[r], value[l], acc[r][l]);
@@ -457,13 +458,13 @@ fn narrow_value_block<const FMA: bool>(
     v: &[f32],
     hd: usize,
     start: usize,
-    probs_t: &[f32],
+    probs: &[&[f32]; GROUP],
 ) -> [[f32; VALUE_BLOCK]; GROUP] {
     let mut acc = [[0f32; VALUE_BLOCK]; GROUP];
-    for (row, p) in v.chunks_exact(hd).zip(probs_t.chunks_exact(GROUP)) {
-        for (acc, &p) in acc.iter_mut().zip(p) {
+    for (j, row) in v.chunks_exact(hd).take(probs[0].len()).enumerate() {
+        for (acc, probs) in acc.iter_mut().zip(probs) {
             for (a, &x) in acc.iter_mut().zip(&row[start..]) {
-                *a = madd::<FMA>(p, x, *a);
+                *a = madd::<FMA>(probs[j], x, *a);
             }
         }
     }
@@ -495,22 +496,15 @@ fn softmax_and_values<const FMA: bool>(
         }
     }
     // The weighted sums of values, `VALUE_BLOCK` head dimensions at a time in registers
-    // (a head width that is not a multiple of it takes the narrower remainder pass), with
-    // the probabilities transposed to `(longest, GROUP)` so that each key's are one read.
+    // (a head width that is not a multiple of it takes the narrower remainder pass).
     let rows = out.len() / hd;
-    group.probs_t.resize(longest * GROUP, 0.0);
-    for (r, probs) in group.scores.chunks_exact(tk_pad).enumerate() {
-        for (j, &p) in probs[..longest].iter().enumerate() {
-            group.probs_t[j * GROUP + r] = p;
-        }
-    }
-    let probs_t = &group.probs_t[..];
+    let probs: [&[f32]; GROUP] = std::array::from_fn(|r| &group.scores[r * tk_pad..][..longest]);
     for start in (0..hd).step_by(VALUE_BLOCK) {
         let w = VALUE_BLOCK.min(hd - start);
         let acc = if w == VALUE_BLOCK {
-            value_block::<FMA>(v, hd, start, probs_t)
+            value_block::<FMA>(v, hd, start, &probs)
         } else {
-            narrow_value_block::<FMA>(v, hd, start, probs_t)
+            narrow_value_block::<FMA>(v, hd, start, &probs)
         };
         for r in 0..rows {
             for (o, a) in out[r * hd + start..][..w].iter_mut().zip(acc[r]) {
