@@ -54,10 +54,12 @@ pub(crate) fn matmul_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> O
 
 /// The output of [`matmul_wt`], written by several threads at once, each in columns of
 /// its own.
+#[cfg(target_arch = "x86_64")]
 struct Output(*mut f32);
 
 // SAFETY: the threads that share an `Output` write disjoint elements, and the vector it
 // points into outlives them (`for_each_range` returns after every part).
+#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for Output {}
 
 #[cfg(target_arch = "x86_64")]
