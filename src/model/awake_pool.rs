@@ -252,7 +252,7 @@ fn wait_for_post(slot: &Slot, seen: u64, spin: Duration) -> u64 {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && since.elapsed() >= spin {
+            if spins.is_multiple_of(1024) && since.elapsed() >= spin {
                 break;
             }
         }

@@ -250,6 +250,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gemv::tests::{assert_is_the_product, operands};
 
     #[test]
     fn tiles_equal_the_product_computed_in_f64() {
@@ -262,30 +263,15 @@ mod tests {
             (4, 16, 4),
             (130, 576, 1),
             (17, 5, 7),
+            (9, 1537, 13),
+            (8, 1000, 8),
         ] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0)
-                .collect();
+            let (x, w) = operands(m, k, n);
             let Some(y) = matmul_wt(&x, m, k, &w, n) else {
                 // No AVX-512 on this CPU: the caller uses gemm, nothing to compare.
                 return;
             };
-            assert_eq!(y.len(), m * n);
-            for r in 0..m {
-                for c in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
-                        .sum();
-                    let got = y[r * n + c] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "({m}, {k}, {n}) at ({r}, {c}): {got} against {want}"
-                    );
-                }
-            }
+            assert_is_the_product(&x, m, k, &w, n, &y);
         }
     }
 }

@@ -15,28 +15,34 @@ pub(crate) const MAX_ROWS: usize = 8;
 pub(crate) fn gemv(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     debug_assert!(x.len() >= m * k && w.len() >= n * k);
     let dot = dot_kernel();
+    by_weight_rows(m, n, |j, outputs| {
+        let row = &w[j * k..][..k];
+        for (r, y) in outputs.iter_mut().enumerate() {
+            *y = dot(&x[r * k..][..k], row);
+        }
+    })
+}
+
+/// `y` `(m, n)` row-major from `outputs(j, y_j)`, which fills `y_j`, the `m` outputs of
+/// weight row `j` (one per row of `x`). The weight rows are split across the threads of
+/// [`awake_pool`](super::awake_pool) in groups of 16, at least 32 rows a thread.
+pub(crate) fn by_weight_rows<F>(m: usize, n: usize, outputs: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
     let mut out_t = vec![0f32; n * m];
-    // Parts of whole 16-output groups, at least 32 outputs each.
-    super::awake_pool::fill_parts(
-        &mut out_t,
-        16 * m,
-        32 * m,
-        super::awake_pool::Next::Soon,
-        |offset, part| {
-            for (i, o) in part.chunks_mut(m).enumerate() {
-                let row = &w[(offset / m + i) * k..][..k];
-                for (r, y) in o.iter_mut().enumerate() {
-                    *y = dot(&x[r * k..][..k], row);
-                }
-            }
-        },
-    );
+    let next = super::awake_pool::Next::Soon;
+    super::awake_pool::fill_parts(&mut out_t, 16 * m, 32 * m, next, |offset, part| {
+        for (i, y_j) in part.chunks_mut(m.max(1)).enumerate() {
+            outputs(offset / m.max(1) + i, y_j);
+        }
+    });
     outputs_by_row(out_t, m, n)
 }
 
 /// The outputs of a row-split product, computed `(n, m)` (each weight row's outputs for
 /// every row of `x` together), as `(m, n)` row-major.
-pub(crate) fn outputs_by_row(out_t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+fn outputs_by_row(out_t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return out_t;
     }
@@ -96,31 +102,47 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Deterministic operands in [-1, 1]: `x` `(m, k)` and `w` `(n, k)`, row-major.
+    pub(crate) fn operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0);
+        let w = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0);
+        (x.collect(), w.collect())
+    }
+
+    /// Asserts that `y` `(m, n)` is `x · wᵀ` computed in f64 (1e-4 relative), for `x`
+    /// `(m, k)` and `w` `(n, k)` row-major.
+    pub(crate) fn assert_is_the_product(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        y: &[f32],
+    ) {
+        assert_eq!(y.len(), m * n);
+        for r in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                    .sum();
+                let got = y[r * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "({m}, {k}, {n}) at ({r}, {j}): {got} against {want}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn gemv_equals_the_naive_product() {
         for (m, k, n) in [(1, 1, 1), (1, 576, 1536), (3, 37, 130), (8, 16, 65)] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0)
-                .collect();
+            let (x, w) = operands(m, k, n);
             let y = gemv(&x, m, k, &w, n);
-            for r in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
-                        .sum();
-                    let got = y[r * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{m} {k} {n}"
-                    );
-                }
-            }
+            assert_is_the_product(&x, m, k, &w, n, &y);
         }
     }
 }

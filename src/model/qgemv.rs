@@ -60,23 +60,12 @@ pub(crate) fn gemv_blocks(
         .map(|c| c.iter().sum())
         .collect();
     let dot = row_kernel(format);
-    let mut out_t = vec![0f32; n * m];
-    // Parts of whole 16-output groups, at least 32 outputs each.
-    super::awake_pool::fill_parts(
-        &mut out_t,
-        16 * m,
-        32 * m,
-        super::awake_pool::Next::Soon,
-        |offset, part| {
-            for (i, o) in part.chunks_mut(m).enumerate() {
-                let row = &w[(offset / m + i) * row_bytes..][..row_bytes];
-                for (r, y) in o.iter_mut().enumerate() {
-                    *y = dot(row, &x[r * k..][..k], &sums[r * blocks..][..blocks]);
-                }
-            }
-        },
-    );
-    super::gemv::outputs_by_row(out_t, m, n)
+    super::gemv::by_weight_rows(m, n, |j, outputs| {
+        let row = &w[j * row_bytes..][..row_bytes];
+        for (r, y) in outputs.iter_mut().enumerate() {
+            *y = dot(row, &x[r * k..][..k], &sums[r * blocks..][..blocks]);
+        }
+    })
 }
 
 type RowDot = fn(&[u8], &[f32], &[f32]) -> f32;
