@@ -137,8 +137,8 @@ impl CustomOp3 for PrefixAttention {
         let tk_pad = tk.div_ceil(KEY_BLOCK) * KEY_BLOCK;
         if gq <= GROUP {
             // A decode step: each plane's queries are one group. Transposing the keys would
-            // cost as much as reading them once, and the planes are too few and too small
-            // to be worth waking rayon's threads for.
+            // cost as much as reading them once; the planes run on the threads that stay
+            // awake between the step's products (waking rayon's cost more than a plane).
             let plane_len = gq * hd;
             let mut out = vec![0f32; b * n_kv * plane_len];
             let kernel = kernel(Keys::Rows);
