@@ -318,7 +318,7 @@ mod tests {
             });
         });
         // With one thread there is no helper part, and nothing panics.
-        assert_eq!(result.is_err(), pool().helpers.len() > 0);
+        assert_eq!(result.is_err(), !pool().helpers.is_empty());
         let mut out = vec![0f32; 4096];
         fill_parts(&mut out, 1, 1, Next::Later, |offset, part| {
             part.fill(offset as f32)
