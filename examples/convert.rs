@@ -5,7 +5,7 @@
 //!     [--router threshold --p 0.5 | --router topk --capacity 0.5] [--layers odd|all] \
 //!     [--kv skip|keep] [--train routers|lora|all] [--objective lm|kl|kl-lm] \
 //!     [--target-compute F | --target-kept F | --alpha A] [--paper-recipe] \
-//!     [--dense-baseline] \
+//!     [--skip-adapter R] [--dense-baseline] \
 //!     [--steps N] [--seq-len T] [--json]
 //! ```
 //! Evaluates the original model on each source's held-out rows, trains the routers (and
@@ -159,6 +159,11 @@ struct Args {
     /// Leading tokens always kept (attention sinks).
     #[arg(long, default_value_t = 1)]
     sinks: usize,
+    /// Rank of each routed layer's skip adapter (a skipped token gets
+    /// `x + U·silu(D·RMSNorm(x))` instead of `x`); 0 passes it through unchanged, as the
+    /// paper does.
+    #[arg(long, default_value_t = 0)]
+    skip_adapter: usize,
     /// Seed of the data order.
     #[arg(long, default_value_t = 2)]
     seed: u64,
@@ -541,6 +546,11 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
                 0.01
             }),
         sink_tokens: args.sinks,
+        skip_adapter_rank: if args.paper_recipe {
+            0
+        } else {
+            args.skip_adapter
+        },
         ..ModConfig::default()
     };
     let train_config = TrainConfig {

@@ -1,5 +1,6 @@
 //! Converted (Mixture-of-Depths) checkpoints: an HF folder whose `config.json` has a `mod`
-//! section and whose safetensors hold `model.layers.{j}.router.{weight,bias}`. Loading one
+//! section and whose safetensors hold `model.layers.{j}.router.{weight,bias}` (and
+//! `model.layers.{j}.skip_adapter.{down,up}.weight` with skip adapters). Loading one
 //! as a model is [`crate::ModModel::load`].
 
 use super::export::{save_hf, MOD_SECTION};
@@ -12,7 +13,7 @@ use std::path::Path;
 
 /// The converted checkpoint: `base`'s tensors with `trained` ones (routers, and base
 /// weights when the whole model was trained) put over them, and `config` as the `mod`
-/// section. Router tensors are stored in f32 whatever the model dtype.
+/// section. Router and skip-adapter tensors are stored in f32 whatever the model dtype.
 ///
 /// Errors: [`crate::Error::Json`] if the config cannot be serialised.
 pub fn converted_checkpoint(
@@ -23,7 +24,7 @@ pub fn converted_checkpoint(
     let mut ckpt = base.clone();
     let dtype = base.dtype();
     for (name, t) in trained {
-        let t = if name.contains(".router.") {
+        let t = if name.contains(".router.") || name.contains(".skip_adapter.") {
             t.to_dtype(DType::F32)?
         } else {
             t.to_dtype(dtype)?

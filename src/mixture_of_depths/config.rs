@@ -131,6 +131,11 @@ pub struct ModConfig {
     /// Number of leading tokens of every sequence kept at every routed layer (attention
     /// sinks; default 1).
     pub sink_tokens: usize,
+    /// Rank r of each routed layer's skip adapter, which gives a skipped token
+    /// `x + U · silu(D · RMSNorm(x))` instead of `x`
+    /// ([`SkipAdapter`](crate::mixture_of_depths::SkipAdapter)); 0 (the default, and the
+    /// paper) passes skipped tokens through unchanged. At most the hidden size.
+    pub skip_adapter_rank: usize,
 }
 
 impl Default for ModConfig {
@@ -148,6 +153,7 @@ impl Default for ModConfig {
             alpha: 0.01,
             kv_policy: KvPolicy::Skip,
             sink_tokens: 1,
+            skip_adapter_rank: 0,
         }
     }
 }

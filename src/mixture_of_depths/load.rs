@@ -13,7 +13,8 @@ use std::collections::HashMap;
 
 impl ModModel {
     /// Loads a converted model written by [`save_converted`](crate::checkpoint::converted::save_converted) (or any HF folder with a `mod`
-    /// section and router tensors), in `dtype` on `device`.
+    /// section and router tensors, and skip-adapter tensors when its `mod` section names a
+    /// rank), in `dtype` on `device`.
     ///
     /// Errors: those of [`Checkpoint::load`] and [`ModModel::from_checkpoint`].
     pub fn load(model: &str, dtype: DType, device: &Device) -> Result<Self> {
@@ -24,7 +25,7 @@ impl ModModel {
     ///
     /// Errors: [`Error::Config`] when the checkpoint has no valid `mod` section (it is not a
     /// converted model); [`Error::MissingTensor`] / [`Error::ShapeMismatch`] for a router
-    /// tensor that is absent or misshapen; the errors of [`Llama::from_checkpoint`].
+    /// or skip-adapter tensor that is absent or misshapen; the errors of [`Llama::from_checkpoint`].
     pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
         let section = ckpt.extra_config.get(MOD_SECTION).ok_or_else(|| {
             Error::config("no `mod` section in config.json: not a converted model")
@@ -35,9 +36,23 @@ impl ModModel {
         config.validate(n)?;
         let d = ckpt.config.hidden_size;
         let mut routers = HashMap::new();
+        let r = config.skip_adapter_rank;
         for j in config.routed_layer_indices(n)? {
-            for (leaf, shape) in [("weight", vec![1, d]), ("bias", vec![1])] {
-                let name = format!("model.layers.{j}.router.{leaf}");
+            let mut tensors = vec![
+                (format!("model.layers.{j}.router.weight"), vec![1, d]),
+                (format!("model.layers.{j}.router.bias"), vec![1]),
+            ];
+            if r > 0 {
+                tensors.push((
+                    format!("model.layers.{j}.skip_adapter.down.weight"),
+                    vec![r, d],
+                ));
+                tensors.push((
+                    format!("model.layers.{j}.skip_adapter.up.weight"),
+                    vec![d, r],
+                ));
+            }
+            for (name, shape) in tensors {
                 let t = ckpt.tensor(&name, &shape)?;
                 routers.insert(name, t.to_dtype(DType::F32)?);
             }

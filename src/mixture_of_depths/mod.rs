@@ -8,14 +8,17 @@
 //!   without a KV cache, and counts its FLOPs.
 //! - `cached`: prefill and decode against a [`KvCache`](crate::model::kv_cache::KvCache).
 //! - `load`: a converted model from a checkpoint.
+//! - [`skip_adapter`]: what a skipped token gets instead of nothing (optional).
 
 mod cached;
 pub mod config;
 mod layer;
 mod load;
 mod model;
+pub mod skip_adapter;
 
 pub use config::{
     GateInput, GateScaling, KvPolicy, LayerRule, ModConfig, RoutedLayers, RouterKind,
 };
 pub use model::{HiddenOutput, ModModel, ModOutput, Mode};
+pub use skip_adapter::SkipAdapter;

@@ -7,7 +7,7 @@ use crate::model::kv_cache::KvCache;
 use crate::model::{Batch, Block, Llama};
 use crate::routing::{selection, Router, RoutingStats, Selection};
 
-use super::layer;
+use super::{layer, SkipAdapter};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
@@ -71,40 +71,54 @@ impl HiddenOutput {
     }
 }
 
-/// A Mixture-of-Depths LLaMA: the base model plus one [`Router`] per routed layer.
+/// A Mixture-of-Depths LLaMA: the base model plus one [`Router`] per routed layer (and,
+/// with `skip_adapter_rank > 0`, one [`SkipAdapter`] per routed layer).
 #[derive(Debug, Clone)]
 pub struct ModModel {
     base: Llama,
     routers: BTreeMap<usize, Router>,
+    skip_adapters: BTreeMap<usize, SkipAdapter>,
     config: ModConfig,
 }
 
 impl ModModel {
     /// Adds routers to `base` as `config` says, reading them from `vb`
-    /// (`model.layers.{j}.router.{weight,bias}`). With a `VarMap`-backed `vb` new routers are
-    /// created (weight 0, bias `gate_init_bias`) and trainable.
+    /// (`model.layers.{j}.router.{weight,bias}`, and `model.layers.{j}.skip_adapter.*`
+    /// when `config.skip_adapter_rank > 0`). With a `VarMap`-backed `vb` new routers are
+    /// created (weight 0, bias `gate_init_bias`) and trainable, and new skip adapters are
+    /// the identity ([`SkipAdapter::load`]).
     ///
-    /// Errors: [`crate::Error::Config`] from [`ModConfig::validate`]; [`crate::Error::Candle`] if a stored
-    /// router tensor has another shape.
+    /// Errors: [`crate::Error::Config`] from [`ModConfig::validate`], or for a skip-adapter
+    /// rank above the hidden size; [`crate::Error::Candle`] if a stored router or adapter
+    /// tensor has another shape.
     pub fn new(base: Llama, config: ModConfig, vb: VarBuilder) -> Result<Self> {
         let n = base.config().num_hidden_layers;
         config.validate(n)?;
         let d = base.config().hidden_size;
-        let routers = config
-            .routed_layer_indices(n)?
-            .into_iter()
-            .map(|j| {
-                let r = Router::load(
-                    vb.pp(format!("model.layers.{j}.router")),
-                    d,
-                    config.gate_init_bias,
-                )?;
-                Ok((j, r))
+        if config.skip_adapter_rank > d {
+            return Err(crate::Error::config(format!(
+                "skip adapter rank {} is above the hidden size {d}",
+                config.skip_adapter_rank
+            )));
+        }
+        let layers = config.routed_layer_indices(n)?;
+        let routers = (layers.iter())
+            .map(|&j| {
+                let vb = vb.pp(format!("model.layers.{j}.router"));
+                Ok((j, Router::load(vb, d, config.gate_init_bias)?))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let skip_adapters = (layers.iter())
+            .filter(|_| config.skip_adapter_rank > 0)
+            .map(|&j| {
+                let vb = vb.pp(format!("model.layers.{j}.skip_adapter"));
+                Ok((j, SkipAdapter::load(vb, d, config.skip_adapter_rank)?))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Self {
             base,
             routers,
+            skip_adapters,
             config,
         })
     }
@@ -137,8 +151,14 @@ impl ModModel {
         Ok(Self {
             base: self.base.clone(),
             routers: self.routers.clone(),
+            skip_adapters: self.skip_adapters.clone(),
             config,
         })
+    }
+
+    /// The skip adapters by routed layer index (empty when `skip_adapter_rank` is 0).
+    pub fn skip_adapters(&self) -> &BTreeMap<usize, SkipAdapter> {
+        &self.skip_adapters
     }
 
     /// The dense base model.
@@ -302,15 +322,33 @@ impl ModModel {
                 }
             };
             let cache = cache.as_deref_mut();
-            let (next, spent) =
+            let (mut next, spent) =
                 layer::sparse_layer(layer, j, &x, batch, base.rope(), cfg, tokens, cache)?;
             let spent = inference_cost.unwrap_or(spent);
-            x = next;
             let Some(r) = routing else {
+                x = next;
                 flops += spent;
                 continue;
             };
-            let cost = spent + router_flops(cfg, batch.num_tokens());
+            let mut cost = spent + router_flops(cfg, batch.num_tokens());
+            if let Some(adapter) = self.skip_adapters.get(&j) {
+                // `x + w·Δ + (1 − w)·A`: skipped tokens get the adapter's update; in
+                // training the gate's gradient is the block's gain over the adapter.
+                // Inference computes it (for every token) unless every token is kept with
+                // weight 1; training always, for the gradient, and counts what inference
+                // would spend.
+                let at_inference = r.sel.num_kept() < batch.num_tokens()
+                    || self.config.gate_scaling == GateScaling::Multiply;
+                if at_inference || mode == Mode::Training {
+                    let a = adapter.update(&layer.normed_input(&x)?)?;
+                    let skipped = (1.0 - &r.w)?.to_dtype(a.dtype())?.unsqueeze(2)?;
+                    next = (next + a.broadcast_mul(&skipped)?)?;
+                }
+                if at_inference {
+                    cost += adapter.flops(batch.num_tokens());
+                }
+            }
+            x = next;
             flops += cost;
             stats.push(RoutingStats {
                 layer: j,

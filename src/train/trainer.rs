@@ -130,13 +130,20 @@ impl Trainer {
             mod_config,
             VarBuilder::from_varmap(&varmap, DType::F32, &device),
         )?;
+        // A skip adapter's down projection starts random (seeded), its up projection at zero.
+        for (name, var) in varmap.data().lock().map_err(|_| poisoned())?.iter() {
+            if name.ends_with(".skip_adapter.down.weight") {
+                let a = seeded_lora_a(var.as_tensor().dims2()?, config.seed, name)?;
+                var.set(&a.to_device(&device)?)?;
+            }
+        }
         let mut vars: Vec<(String, Var, f64)> = varmap
             .data()
             .lock()
             .map_err(|_| poisoned())?
             .iter()
             .map(|(name, var)| {
-                let lr = if name.contains(".router.") {
+                let lr = if name.contains(".router.") || name.contains(".skip_adapter.") {
                     config.router_lr
                 } else if name.ends_with(".lora_a") || name.ends_with(".lora_b") {
                     config.lora_lr

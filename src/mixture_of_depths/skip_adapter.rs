@@ -1,0 +1,77 @@
+//! The skip adapter of a routed layer: what a skipped token gets instead of nothing.
+//!
+//! MoD and MoDification pass a skipped token through unchanged, `x' = x`. A converted
+//! model's layers were trained to always add their update, and the next layer reads that
+//! update's average part from every token. A rank-`r` bottleneck on the layer's normalised
+//! input, `x' = x + U · silu(D · RMSNorm(x))`, predicts that cheap part of the update for
+//! the tokens the router skips (the skipping path of FlexiDepth, Luo et al. 2025, §3.1,
+//! which replaces the skipped layer by a lightweight adapter). It costs `4·d·r` FLOPs per
+//! token (`r = 16`, `d = 576`: 1% of the layer). `U` starts at zero, so a fresh adapter
+//! is the paper's identity.
+
+use crate::error::Result;
+use candle_core::{DType, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// `U · silu(D · n)` for the normalised input `n`: `D` `(r, d)`, `U` `(d, r)`, f32.
+///
+/// Checkpoint names: `model.layers.{j}.skip_adapter.down.weight` `(r, d)` and
+/// `model.layers.{j}.skip_adapter.up.weight` `(d, r)`.
+#[derive(Debug, Clone)]
+pub struct SkipAdapter {
+    down: Tensor,
+    up: Tensor,
+}
+
+impl SkipAdapter {
+    /// Loads or creates the adapter of a layer from `vb` (`model.layers.{j}.skip_adapter`).
+    /// New tensors (a `VarMap`-backed `vb`): `D` uniform in `±1/√d` (the caller reseeds it
+    /// for a reproducible conversion), `U` zero.
+    ///
+    /// Errors: [`crate::Error::Candle`] if a stored tensor has another shape.
+    pub fn load(vb: VarBuilder, hidden: usize, rank: usize) -> Result<Self> {
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let down = vb.pp("down").get_with_hints_dtype(
+            (rank, hidden),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+            DType::F32,
+        )?;
+        let up = vb.pp("up").get_with_hints_dtype(
+            (hidden, rank),
+            "weight",
+            Init::Const(0.0),
+            DType::F32,
+        )?;
+        Ok(Self { down, up })
+    }
+
+    /// The update `U · silu(D · n)` of every token: `normed` `(B, T, d)` (the layer's
+    /// input RMSNorm output, any float dtype) -> `(B, T, d)` in `normed`'s dtype.
+    ///
+    /// Errors: [`crate::Error::Candle`] if `normed`'s last dimension is not `d`.
+    pub fn update(&self, normed: &Tensor) -> Result<Tensor> {
+        let dtype = normed.dtype();
+        let n = normed.to_dtype(DType::F32)?;
+        let hidden = candle_nn::ops::silu(&n.broadcast_matmul(&self.down.t()?)?)?;
+        Ok(hidden.broadcast_matmul(&self.up.t()?)?.to_dtype(dtype)?)
+    }
+
+    /// The down projection `D` `(r, d)` and the up projection `U` `(d, r)`, f32.
+    pub fn tensors(&self) -> (&Tensor, &Tensor) {
+        (&self.down, &self.up)
+    }
+
+    /// The rank r.
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// FLOPs of the adapter for `tokens` tokens: `4·d·r` each.
+    pub fn flops(&self, tokens: usize) -> f64 {
+        4.0 * self.down.elem_count() as f64 * tokens as f64
+    }
+}
