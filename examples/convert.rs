@@ -99,8 +99,8 @@ struct Args {
     #[arg(long, default_value_t = 0.93)]
     target_compute: f64,
     /// The MoDification paper's recipe instead of the default: odd layers, `Skip`, routers
-    /// only, LM loss plus α·Σ F_j·G_j (α = 0.01), no compute target.
-    #[arg(long, conflicts_with_all = ["layers", "kv", "train", "objective", "target_compute", "target_kept"])]
+    /// only, LM loss plus α·Σ F_j·G_j (α = 0.01), no compute target, no skip adapter.
+    #[arg(long, conflicts_with_all = ["layers", "kv", "train", "objective", "target_compute", "target_kept", "skip_adapter"])]
     paper_recipe: bool,
     /// Fraction of the steps over which the compute budget falls from 1 to --target-compute.
     #[arg(long, default_value_t = 0.5)]
@@ -161,8 +161,8 @@ struct Args {
     sinks: usize,
     /// Rank of each routed layer's skip adapter (a skipped token gets
     /// `x + U·silu(D·RMSNorm(x))` instead of `x`); 0 passes it through unchanged, as the
-    /// paper does.
-    #[arg(long, default_value_t = 0)]
+    /// paper does (and as --paper-recipe does).
+    #[arg(long, default_value_t = modification::mixture_of_depths::skip_adapter::DEFAULT_RANK)]
     skip_adapter: usize,
     /// Seed of the data order.
     #[arg(long, default_value_t = 2)]

@@ -8,6 +8,7 @@ mod tiny;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use modification::mixture_of_depths::{GateScaling, KvPolicy};
+use modification::train::{TrainConfig, Trainer};
 use modification::{loss, Batch, Error, ModConfig, ModModel, Mode};
 use std::collections::HashMap;
 
@@ -288,4 +289,62 @@ fn bad_adapter_settings_and_tensors_are_typed_errors() {
         matches!(err, Error::MissingTensor { ref name } if name == "model.layers.5.skip_adapter.up.weight"),
         "{err}"
     );
+}
+
+#[test]
+fn a_trained_adapter_is_saved_and_loads_back_with_identical_logits() {
+    let ckpt = common::smollm2();
+    // Gates start exactly at p (sigmoid(0) = 0.5, kept); the load term then pushes them
+    // under it, so tokens are skipped and the adapters receive gradients.
+    let cfg = ModConfig {
+        alpha: 0.5,
+        gate_init_bias: 0.0,
+        skip_adapter_rank: 4,
+        ..ModConfig::default()
+    };
+    let run = TrainConfig {
+        steps: 3,
+        batch_size: 2,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(ckpt, cfg, run).unwrap();
+    trainer
+        .run(common::small_corpus(), None, 0, |_| {})
+        .unwrap();
+    // Routers and adapters of the 15 odd layers, nothing else.
+    let trained = trainer.trained_tensors();
+    assert_eq!(trained.len(), 15 * 4);
+    let up = &trained["model.layers.7.skip_adapter.up.weight"];
+    assert_eq!(up.dims(), [576, 4]);
+    assert!(common::l2_norm(up) > 0.0, "the adapter did not train");
+
+    let dir = common::temp_dir("skip-adapter").join("converted");
+    trainer
+        .save_converted(&dir, trainer.model().config())
+        .unwrap();
+    let loaded = ModModel::load(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), trainer.model().config());
+    assert_eq!(loaded.skip_adapters().len(), 15);
+    let rows = &common::small_corpus().sources[1].heldout;
+    let batch = Batch::from_rows(rows, 0, 8192, &Device::Cpu).unwrap();
+    let a = trainer.model().forward(&batch, Mode::Inference).unwrap();
+    let b = loaded.forward(&batch, Mode::Inference).unwrap();
+    let skipped: usize = a.stats.iter().map(|s| s.valid - s.kept).sum();
+    assert!(
+        skipped > 0,
+        "no token was skipped: the adapters are not exercised"
+    );
+    // The reloaded tensors are bit-identical, but the trainer's are variables, whose
+    // buffers may sit at other alignments and take other matmul kernels: compare relative
+    // to the logits' scale (as the LoRA merge check does), and the decisions exactly.
+    let scale = (a.logits.abs().unwrap().max_keepdim(2).unwrap())
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let rel = common::max_diff(&a.logits, &b.logits) / scale;
+    assert!(rel < 1e-4, "reloaded vs trained relative difference {rel}");
+    let kept = |o: &modification::ModOutput| o.stats.iter().map(|s| s.kept).collect::<Vec<_>>();
+    assert_eq!(kept(&a), kept(&b));
+    std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
 }

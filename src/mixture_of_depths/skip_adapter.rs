@@ -13,6 +13,12 @@ use crate::error::Result;
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+/// The rank `convert` and the sweep's default recipe use: at 16 the adapter costs about
+/// 0.4% of SmolLM2-135M's FLOPs when a forward skips anything (measured in session 8: at
+/// matched held-out compute it lowered the worst perplexity ratio by 0.05-0.15 against no
+/// adapter, from 0.93 down to 0.85 of the dense compute).
+pub const DEFAULT_RANK: usize = 16;
+
 /// `U · silu(D · n)` for the normalised input `n`: `D` `(r, d)`, `U` `(d, r)`, f32.
 ///
 /// Checkpoint names: `model.layers.{j}.skip_adapter.down.weight` `(r, d)` and

@@ -43,9 +43,10 @@ pub struct SweepSetting {
 }
 
 impl SweepSetting {
-    /// The default recipe of `convert` (every layer routed, KV `Keep`, routers plus rank-8
-    /// LoRA, KL to the original plus the compute-budget load term with α 0.1, thresholds or
-    /// capacity calibrated to `target_compute`) with `router` as the selection operator.
+    /// The default recipe of `convert` (every layer routed, KV `Keep`, rank-16 skip
+    /// adapters, routers plus rank-8 LoRA, KL to the original plus the compute-budget load
+    /// term with α 0.1, thresholds or capacity calibrated to `target_compute`) with
+    /// `router` as the selection operator.
     pub fn default_recipe(
         name: impl Into<String>,
         router: RouterKind,
@@ -57,6 +58,7 @@ impl SweepSetting {
             router,
             kv_policy: KvPolicy::Keep,
             alpha: 0.1,
+            skip_adapter_rank: crate::mixture_of_depths::skip_adapter::DEFAULT_RANK,
             ..ModConfig::default()
         };
         let train = TrainConfig {
@@ -108,15 +110,14 @@ pub fn default_settings(model: &LlamaConfig, seq_len: usize, steps: usize) -> Ve
         });
     }
     for target in [0.97, 0.93, 0.89] {
-        let capacity = matching_capacity(model, seq_len, target);
+        let name = format!("top-k@{target}");
+        let mut setting =
+            SweepSetting::default_recipe(name, RouterKind::TopK { capacity: 1.0 }, target, steps);
+        let capacity = matching_capacity(model, &setting.mod_config, seq_len, target);
+        setting.mod_config.router = RouterKind::TopK { capacity };
         settings.push(SweepSetting {
             curve: Some("top-k".to_string()),
-            ..SweepSetting::default_recipe(
-                format!("top-k@{target}"),
-                RouterKind::TopK { capacity },
-                target,
-                steps,
-            )
+            ..setting
         });
     }
     settings.push(SweepSetting::paper_recipe(steps));
@@ -130,15 +131,33 @@ pub fn default_settings(model: &LlamaConfig, seq_len: usize, steps: usize) -> Ve
     settings
 }
 
-/// The top-k capacity C whose compute, with every layer routed on rows of `seq_len`
-/// tokens, is `target` of the dense model's: the routed layers' share s of the FLOPs
-/// shrinks to C·s, so C = 1 − (1 − target) / s, within [0.05, 1]. Calibration refines it
-/// on measured compute.
-pub fn matching_capacity(model: &LlamaConfig, seq_len: usize, target: f64) -> f64 {
+/// The top-k capacity C whose compute, with every layer routed by `mod_config` on rows of
+/// `seq_len` tokens, is `target` of the dense model's. Per routed layer and row, the part
+/// of the layer that kept tokens alone pay (`V`: all of it under `Skip`, all but the K/V
+/// projections under `Keep`) shrinks to C·V, while the router, the skip adapter and (under
+/// `Keep`) every token's K/V projections stay (`F`), so C = (target·dense − lm_head − L·F)
+/// / (L·V), within [0.05, 1]. Calibration refines it on measured compute.
+pub fn matching_capacity(
+    model: &LlamaConfig,
+    mod_config: &ModConfig,
+    seq_len: usize,
+    target: f64,
+) -> f64 {
+    use crate::model::flops::{lm_head_flops, router_flops};
     let t = seq_len.max(1);
-    let layers = model.num_hidden_layers as f64 * layer_flops(model, t, t, t * (t + 1) / 2);
-    let total = layers + crate::model::flops::lm_head_flops(model, t);
-    (1.0 - (1.0 - target) / (layers / total)).clamp(0.05, 1.0)
+    let n = model.num_hidden_layers as f64;
+    let dense_layer = layer_flops(model, t, t, t * (t + 1) / 2);
+    let lm_head = lm_head_flops(model, t);
+    let d = model.hidden_size as f64;
+    let key_values = match mod_config.kv_policy {
+        KvPolicy::Keep => 4.0 * d * (model.num_kv_heads() * model.head_dim()) as f64 * t as f64,
+        KvPolicy::Skip => 0.0,
+    };
+    let adapter = 4.0 * d * mod_config.skip_adapter_rank as f64 * t as f64;
+    let fixed = router_flops(model, t) + adapter + key_values;
+    let variable = dense_layer - key_values;
+    let budget = target * (n * dense_layer + lm_head) - lm_head - n * fixed;
+    (budget / (n * variable)).clamp(0.05, 1.0)
 }
 
 /// One finished setting.
