@@ -9,7 +9,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use modification::mixture_of_depths::{GateScaling, KvPolicy, RouterKind};
 use modification::model::{attention_mask, RopeAt};
-use modification::routing::selection;
+use modification::routing::{selection, Selection};
 use modification::{loss, Batch, Llama, ModConfig, ModModel, Mode};
 use std::collections::BTreeMap;
 
@@ -585,4 +585,14 @@ fn routing_map_marks_exactly_the_kept_cells() {
         RoutingMap::from_stats(&out.stats, 0, seven),
         Err(modification::Error::InvalidArgument(_))
     ));
+}
+
+#[test]
+fn skipped_tokens_are_the_real_tokens_a_selection_does_not_keep() {
+    let sel = Selection::new(vec![vec![0, 2, 4], vec![1], vec![], vec![0, 1, 2]], 6).unwrap();
+    let skipped = sel.skipped(&[5, 3, 2, 3]);
+    let want: Vec<Vec<u32>> = vec![vec![1, 3], vec![0, 2], vec![0, 1], vec![]];
+    assert_eq!(skipped.kept(), want.as_slice());
+    assert_eq!(skipped.seq_len(), 6);
+    assert_eq!(skipped.num_kept() + sel.num_kept(), 5 + 3 + 2 + 3);
 }

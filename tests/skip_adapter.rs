@@ -205,7 +205,14 @@ fn the_adapter_and_the_gate_train_and_the_flops_count_the_adapter() {
         let norm = common::l2_norm(g);
         assert!(norm > 1e-6 && norm.is_finite(), "{name}: {norm}");
     }
-    // The same decisions without the adapter cost exactly 4·d·r FLOPs per token less.
+    // The inference path (the skipped tokens gathered) gives the training forward value
+    // (every token computed, weighted by 1 − w).
+    let inference = m.forward(&batch, Mode::Inference).unwrap();
+    assert_eq!(inference.stats[0].kept, kept);
+    let diff = common::max_diff(&inference.logits, &out.logits);
+    assert!(diff < 1e-4, "inference vs training forward: {diff}");
+    // The same decisions without the adapter cost exactly 4·d·r FLOPs per skipped token
+    // less.
     let plain = model(
         ModConfig {
             skip_adapter_rank: 0,
@@ -218,7 +225,7 @@ fn the_adapter_and_the_gate_train_and_the_flops_count_the_adapter() {
         let without = plain.forward(&batch, mode).unwrap();
         assert_eq!(with.stats[0].kept, without.stats[0].kept);
         let extra = with.flops - without.flops;
-        assert_eq!(extra, (4 * 64 * RANK * 16) as f64, "{mode:?}");
+        assert_eq!(extra, (4 * 64 * RANK * (16 - kept)) as f64, "{mode:?}");
         assert_eq!(with.dense_flops, without.dense_flops);
     }
     // Multiply scaling adds (1 − g)·A to kept tokens too; the inference forward equals

@@ -5,7 +5,7 @@ use crate::mixture_of_depths::{GateInput, GateScaling, KvPolicy, ModConfig, Rout
 use crate::model::flops::{lm_head_flops, router_flops};
 use crate::model::kv_cache::KvCache;
 use crate::model::{Batch, Block, Llama};
-use crate::routing::{selection, Router, RoutingStats, Selection};
+use crate::routing::{selection, Dispatch, Router, RoutingStats, Selection};
 
 use super::{layer, SkipAdapter};
 use candle_core::{DType, Tensor};
@@ -332,21 +332,11 @@ impl ModModel {
             };
             let mut cost = spent + router_flops(cfg, batch.num_tokens());
             if let Some(adapter) = self.skip_adapters.get(&j) {
-                // `x + w·Δ + (1 − w)·A`: skipped tokens get the adapter's update; in
-                // training the gate's gradient is the block's gain over the adapter.
-                // Inference computes it (for every token) unless every token is kept with
-                // weight 1; training always, for the gradient, and counts what inference
-                // would spend.
-                let at_inference = r.sel.num_kept() < batch.num_tokens()
-                    || self.config.gate_scaling == GateScaling::Multiply;
-                if at_inference || mode == Mode::Training {
-                    let a = adapter.update(&layer.normed_input(&x)?)?;
-                    let skipped = (1.0 - &r.w)?.to_dtype(a.dtype())?.unsqueeze(2)?;
-                    next = (next + a.broadcast_mul(&skipped)?)?;
-                }
-                if at_inference {
-                    cost += adapter.flops(batch.num_tokens());
-                }
+                let scaling = self.config.gate_scaling;
+                let (adapted, tokens) =
+                    add_skip_update(adapter, layer, &x, next, &r, batch, mode, scaling)?;
+                next = adapted;
+                cost += adapter.flops(tokens);
             }
             x = next;
             flops += cost;
@@ -472,6 +462,42 @@ impl ModModel {
             mean_gate,
         })
     }
+}
+
+/// Adds the skip adapter's update to a routed layer's output `next` `(B, T, d)` (the
+/// layer's input `x`), and returns it with the number of tokens the adapter computes at
+/// inference (for the FLOPs; training counts the same).
+///
+/// Inference under straight-through scaling gathers the skipped tokens and adds the
+/// adapter's update to them alone. Training (and `Multiply`, whose kept tokens get
+/// `(1 − g)` of it) computes every token and adds `(1 − w)·A`: the forward value is the
+/// same, and the gate's gradient is the block's gain over the adapter.
+#[allow(clippy::too_many_arguments)]
+fn add_skip_update(
+    adapter: &SkipAdapter,
+    layer: &Block,
+    x: &Tensor,
+    next: Tensor,
+    r: &Routing,
+    batch: &Batch,
+    mode: Mode,
+    scaling: GateScaling,
+) -> Result<(Tensor, usize)> {
+    let skipped = r.sel.skipped(batch.lengths());
+    let inference_tokens = match scaling {
+        GateScaling::StraightThrough => skipped.num_kept(),
+        GateScaling::Multiply => batch.num_tokens(),
+    };
+    if mode == Mode::Training || scaling == GateScaling::Multiply {
+        let a = adapter.update(&layer.normed_input(x)?)?;
+        let weight = (1.0 - &r.w)?.to_dtype(a.dtype())?.unsqueeze(2)?;
+        return Ok(((next + a.broadcast_mul(&weight)?)?, inference_tokens));
+    }
+    let Some(dispatch) = Dispatch::new(&skipped, x.device(), x.dtype())? else {
+        return Ok((next, 0));
+    };
+    let a = adapter.update(&layer.normed_input(&dispatch.gather(x)?)?)?;
+    Ok((dispatch.add_back(&next, &a)?, inference_tokens))
 }
 
 /// A routed layer's decision on a batch.

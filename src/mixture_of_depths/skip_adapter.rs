@@ -10,6 +10,7 @@
 //! is the paper's identity.
 
 use crate::error::Result;
+use crate::model::linear::linear;
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -62,8 +63,10 @@ impl SkipAdapter {
     pub fn update(&self, normed: &Tensor) -> Result<Tensor> {
         let dtype = normed.dtype();
         let n = normed.to_dtype(DType::F32)?;
-        let hidden = candle_nn::ops::silu(&n.broadcast_matmul(&self.down.t()?)?)?;
-        Ok(hidden.broadcast_matmul(&self.up.t()?)?.to_dtype(dtype)?)
+        // The crate's projection product: the decode and short-prompt kernels for a loaded
+        // model, candle's matmul (with the weights' gradients) for a trained one.
+        let hidden = candle_nn::ops::silu(&linear(&n, &self.down)?)?;
+        Ok(linear(&hidden, &self.up)?.to_dtype(dtype)?)
     }
 
     /// The down projection `D` `(r, d)` and the up projection `U` `(d, r)`, f32.

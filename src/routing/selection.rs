@@ -51,6 +51,26 @@ impl Selection {
         }
     }
 
+    /// The tokens this selection skips among the real tokens of rows of `lengths` tokens
+    /// (ascending per row): where a routed layer's skipped tokens get its skip adapter.
+    pub fn skipped(&self, lengths: &[usize]) -> Self {
+        let kept = (self.kept.iter().zip(lengths))
+            .map(|(row, &len)| {
+                let mut next_kept = row.iter().copied().peekable();
+                (0..len as u32)
+                    .filter(|&i| {
+                        while next_kept.next_if(|&k| k < i).is_some() {}
+                        next_kept.next_if_eq(&i).is_none()
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            kept,
+            seq_len: self.seq_len,
+        }
+    }
+
     /// Whether every position of every row is kept (no padding, nothing skipped): the
     /// layer can run on the batch as it is, without gather and scatter.
     pub fn is_full(&self) -> bool {

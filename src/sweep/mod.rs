@@ -132,11 +132,11 @@ pub fn default_settings(model: &LlamaConfig, seq_len: usize, steps: usize) -> Ve
 }
 
 /// The top-k capacity C whose compute, with every layer routed by `mod_config` on rows of
-/// `seq_len` tokens, is `target` of the dense model's. Per routed layer and row, the part
-/// of the layer that kept tokens alone pay (`V`: all of it under `Skip`, all but the K/V
-/// projections under `Keep`) shrinks to C·V, while the router, the skip adapter and (under
-/// `Keep`) every token's K/V projections stay (`F`), so C = (target·dense − lm_head − L·F)
-/// / (L·V), within [0.05, 1]. Calibration refines it on measured compute.
+/// `seq_len` tokens, is `target` of the dense model's. Per routed layer and row, the
+/// router and (under `Keep`) every token's K/V projections cost `F` whatever C is; the rest
+/// of the layer costs `C·V` on the kept tokens, and the skip adapter `(1 − C)·A` on the
+/// skipped ones, so C = (target·dense − lm_head − L·(F + A)) / (L·(V − A)), within
+/// [0.05, 1]. Calibration refines it on measured compute.
 pub fn matching_capacity(
     model: &LlamaConfig,
     mod_config: &ModConfig,
@@ -155,7 +155,7 @@ pub fn matching_capacity(
     };
     let adapter = 4.0 * d * mod_config.skip_adapter_rank as f64 * t as f64;
     let fixed = router_flops(model, t) + adapter + key_values;
-    let variable = dense_layer - key_values;
+    let variable = dense_layer - key_values - adapter;
     let budget = target * (n * dense_layer + lm_head) - lm_head - n * fixed;
     (budget / (n * variable)).clamp(0.05, 1.0)
 }
