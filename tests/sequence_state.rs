@@ -194,27 +194,7 @@ fn chunked_prefill_equals_one_prefill() {
     for model in models() {
         let full = Batch::single(&tokens, 64, &Device::Cpu).unwrap();
         let want = model.forward_causal(&full, Mode::Inference).unwrap().logits;
-        let mut cache = model.new_cache(1).unwrap();
-        let mut got = Vec::new();
-        for (start, end) in [(0, 4), (4, 5), (5, 13)] {
-            let chunk = Batch::continuing(
-                &[tokens[start..end].to_vec()],
-                cache.next_positions(),
-                0,
-                64,
-                &Device::Cpu,
-            )
-            .unwrap();
-            got.push(
-                model
-                    .forward_cached(&chunk, &mut cache)
-                    .unwrap()
-                    .logits
-                    .i(0)
-                    .unwrap(),
-            );
-        }
-        let got = Tensor::cat(&got, 0).unwrap();
+        let got = tiny::logits_in_chunks(&model, &tokens, &[(0, 4), (4, 5), (5, 13)]);
         let d = common::max_diff(&got, &want.i(0).unwrap());
         assert!(d < 1e-4, "{:?}: {d}", model.config().router);
     }

@@ -158,21 +158,7 @@ fn prefill_and_decode_through_the_cache_equal_the_full_forward() {
         let want = m.forward_causal(&full, Mode::Inference).unwrap();
         let kept = want.stats[0].kept;
         assert!(kept > 0 && kept < 12, "{kv:?}: kept {kept} of 12");
-        let mut cache = m.new_cache(1).unwrap();
-        let mut got = Vec::new();
-        for (start, end) in [(0, 5), (5, 6), (6, 7), (7, 12)] {
-            let chunk = Batch::continuing(
-                &[tokens[start..end].to_vec()],
-                cache.next_positions(),
-                0,
-                64,
-                &Device::Cpu,
-            )
-            .unwrap();
-            let out = m.forward_cached(&chunk, &mut cache).unwrap();
-            got.push(out.logits.i(0).unwrap());
-        }
-        let got = Tensor::cat(&got, 0).unwrap();
+        let got = tiny::logits_in_chunks(&m, &tokens, &[(0, 5), (5, 6), (6, 7), (7, 12)]);
         let d = common::max_diff(&got, &want.logits.i(0).unwrap());
         assert!(d < 1e-4, "{kv:?}: {d}");
     }

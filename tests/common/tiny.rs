@@ -1,10 +1,10 @@
 //! A tiny random LLaMA (2 layers, d = 64) for fast, exact routing tests.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use modification::mixture_of_depths::{LayerRule, RoutedLayers};
-use modification::{Llama, LlamaConfig, ModConfig, ModModel};
+use modification::{Batch, Llama, LlamaConfig, ModConfig, ModModel};
 use std::collections::HashMap;
 
 pub fn config(layers: usize) -> LlamaConfig {
@@ -111,4 +111,24 @@ pub fn ids(n: usize, seed: u64) -> Vec<u32> {
         .iter()
         .map(|v| ((v + 1.0) * 50.0) as u32 % 101)
         .collect()
+}
+
+/// The logits `(T, vocab)` of `tokens` fed to `model` through its KV cache in the chunks
+/// `(start, end)` (a prefill, then more prefills or decode steps).
+pub fn logits_in_chunks(model: &ModModel, tokens: &[u32], chunks: &[(usize, usize)]) -> Tensor {
+    let mut cache = model.new_cache(1).unwrap();
+    let mut got = Vec::new();
+    for &(start, end) in chunks {
+        let chunk = Batch::continuing(
+            &[tokens[start..end].to_vec()],
+            cache.next_positions(),
+            0,
+            64,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let out = model.forward_cached(&chunk, &mut cache).unwrap();
+        got.push(out.logits.i(0).unwrap());
+    }
+    Tensor::cat(&got, 0).unwrap()
 }
