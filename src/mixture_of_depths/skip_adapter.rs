@@ -1,23 +1,23 @@
 //! The skip adapter of a routed layer: what a skipped token gets instead of nothing.
 //!
-//! MoD and MoDification pass a skipped token through unchanged, `x' = x`. A converted
-//! model's layers were trained to always add their update, and the next layer reads that
-//! update's average part from every token. A rank-`r` bottleneck on the layer's normalised
-//! input, `x' = x + U · silu(D · RMSNorm(x))`, predicts that cheap part of the update for
-//! the tokens the router skips (the skipping path of FlexiDepth, Luo et al. 2025, §3.1,
-//! which replaces the skipped layer by a lightweight adapter). It costs `4·d·r` FLOPs per
-//! token (`r = 16`, `d = 576`: 1% of the layer). `U` starts at zero, so a fresh adapter
-//! is the paper's identity.
+//! MoD and MoDification pass a skipped token through unchanged, `x' = x`, but the layers
+//! after it were trained on streams that every layer had updated. A rank-`r` bottleneck
+//! on the layer's normalised input, `x' = x + U · silu(D · RMSNorm(x))`, trained with the
+//! routers, gives the skipped tokens a cheap correction (the skipping path of FlexiDepth,
+//! Luo et al. 2025, §3.1, which replaces a skipped layer by a lightweight adapter). It
+//! does not copy the layer: the block's update is not linearly predictable from the
+//! normalised input (session 8, SmolLM2-135M). It costs `4·d·r` FLOPs per skipped token
+//! (`r = 16`, `d = 576`: 1% of the layer's). `U` starts at zero, so a fresh adapter is the
+//! paper's identity.
 
 use crate::error::Result;
 use crate::model::linear::linear;
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-/// The rank `convert` and the sweep's default recipe use: at 16 the adapter costs about
-/// 0.4% of SmolLM2-135M's FLOPs when a forward skips anything (measured in session 8: at
-/// matched held-out compute it lowered the worst perplexity ratio by 0.05-0.15 against no
-/// adapter, from 0.93 down to 0.85 of the dense compute).
+/// The rank `convert` and the sweep's default recipe use. Measured on SmolLM2-135M
+/// (session 8, README): at matched held-out compute it lowered the worst perplexity ratio
+/// by 0.04-0.15 against no adapter, from 0.94 down to 0.85 of the dense compute.
 pub const DEFAULT_RANK: usize = 16;
 
 /// `U · silu(D · n)` for the normalised input `n`: `D` `(r, d)`, `U` `(d, r)`, f32.
@@ -79,7 +79,8 @@ impl SkipAdapter {
         self.down.dims()[0]
     }
 
-    /// FLOPs of the adapter for `tokens` tokens: `4·d·r` each.
+    /// FLOPs of the adapter for `tokens` tokens: `4·d·r` each (two products; the norm and
+    /// the activation are O(d) and left out, as [`crate::model::flops`] does).
     pub fn flops(&self, tokens: usize) -> f64 {
         4.0 * self.down.elem_count() as f64 * tokens as f64
     }
