@@ -76,7 +76,7 @@ impl SkipAdapter {
 
     /// The rank r.
     pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+        self.down.dims().first().copied().unwrap_or(0)
     }
 
     /// FLOPs of the adapter for `tokens` tokens: `4·d·r` each (two products; the norm and
