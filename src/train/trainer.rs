@@ -112,13 +112,6 @@ impl Trainer {
                 VarBuilder::from_varmap(&varmap, DType::F32, &device),
                 &config.lora,
             )?;
-            // A starts random (seeded), B at zero: the adapters change nothing at step 0.
-            for (name, var) in varmap.data().lock().map_err(|_| poisoned())?.iter() {
-                if name.ends_with(".lora_a") {
-                    let a = seeded_lora_a(var.as_tensor().dims2()?, config.seed, name)?;
-                    var.set(&a.to_device(&device)?)?;
-                }
-            }
         }
         let teacher = if config.objective.needs_teacher() {
             Some(Llama::from_checkpoint(base)?)
@@ -130,9 +123,10 @@ impl Trainer {
             mod_config,
             VarBuilder::from_varmap(&varmap, DType::F32, &device),
         )?;
-        // A skip adapter's down projection starts random (seeded), its up projection at zero.
+        // LoRA's A and a skip adapter's down projection start random (seeded), LoRA's B and
+        // the up projection at zero: neither changes the model at step 0.
         for (name, var) in varmap.data().lock().map_err(|_| poisoned())?.iter() {
-            if name.ends_with(".skip_adapter.down.weight") {
+            if name.ends_with(".lora_a") || name.ends_with(".skip_adapter.down.weight") {
                 let a = seeded_lora_a(var.as_tensor().dims2()?, config.seed, name)?;
                 var.set(&a.to_device(&device)?)?;
             }
