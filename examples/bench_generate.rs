@@ -7,6 +7,10 @@
 //!     [--prefill 128 512 2048] [--decode-steps 32] [--reps 3]
 //! ```
 //! A dense model (GGUF file, HF folder) gets the original column only.
+//!
+//! `--random-weights` takes the config and tokenizer from a folder holding only
+//! `config.json` and `tokenizer.json` and draws the weights (dense column only): the speed
+//! of a model that cannot travel (`scripts/gpu-check`).
 
 mod support;
 
@@ -22,6 +26,10 @@ struct Args {
     /// A converted model folder, or a dense model.
     #[arg(long, default_value = "out/smollm2-mod")]
     model: String,
+    /// Draw the weights instead of loading them (--model: a folder with config.json and
+    /// tokenizer.json).
+    #[arg(long)]
+    random_weights: bool,
     /// Corpus root the text is drawn from (Moby Dick's held-out rows).
     #[arg(long, default_value = "assets/corpus")]
     data: std::path::PathBuf,
@@ -90,7 +98,11 @@ fn main() -> Result<()> {
         args.prefill.iter().all(|&n| n >= 1),
         "every --prefill length must be at least 1"
     );
-    let ckpt = Checkpoint::load(&args.model, args.run.dtype()?, &args.run.device()?)?;
+    let (dtype, device) = (args.run.dtype()?, args.run.device()?);
+    let ckpt = match args.random_weights {
+        true => support::random_checkpoint(std::path::Path::new(&args.model), dtype, &device)?,
+        false => Checkpoint::load(&args.model, dtype, &device)?,
+    };
     let max = ckpt.config.max_position_embeddings;
     let longest = args.prefill.iter().copied().max().unwrap_or(0);
     anyhow::ensure!(

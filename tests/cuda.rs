@@ -1,6 +1,6 @@
 //! The routed model on a CUDA GPU against the same model on the CPU: forward and backward,
-//! `Skip` and `Keep`, threshold-p and top-k, a padded batch, and the edge cases (no token
-//! kept, every token kept, a single token).
+//! `Skip` and `Keep`, threshold-p and top-k, skip adapters, a padded batch, and the edge
+//! cases (no token kept, every token kept, a single token); cached decode.
 //!
 //! Compiled always; each test prints why and passes without checking anything where no
 //! CUDA device is present (a build without `--features cuda`, or a machine without a GPU).
@@ -42,7 +42,8 @@ fn router(kind: &str) -> RouterKind {
 }
 
 /// The tiny 3-layer model on `device` with every weight a `Var` (routers given fixed
-/// weights `w_scale · random` and bias `bias`), so that gradients can be compared.
+/// weights `w_scale · random` and bias `bias`, skip adapters drawn weights, so that a
+/// skipped token's update is not zero), so that gradients can be compared.
 fn trainable(cfg: &ModConfig, device: &Device, w_scale: f32, bias: f32) -> (ModModel, VarMap) {
     let llama_cfg = tiny::config(3);
     let varmap = VarMap::new();
@@ -66,6 +67,11 @@ fn trainable(cfg: &ModConfig, device: &Device, w_scale: f32, bias: f32) -> (ModM
         } else if name.ends_with("router.bias") {
             var.set(&Tensor::from_vec(vec![bias], 1, device).unwrap())
                 .unwrap();
+        } else if name.contains("skip_adapter") {
+            let shape = var.as_tensor().dims2().unwrap();
+            let w = tiny::values(shape.0 * shape.1, seed, 0.2);
+            var.set(&Tensor::from_vec(w, shape, device).unwrap())
+                .unwrap();
         }
     }
     (model, varmap)
@@ -81,6 +87,8 @@ fn rel_diff(gpu: &Tensor, cpu: &Tensor) -> f32 {
 
 struct Run {
     logits: Tensor,
+    /// The sparse (gathered) forward's logits.
+    inference_logits: Tensor,
     kept: Vec<Vec<u8>>,
     loss: f32,
     grads: HashMap<String, Tensor>,
@@ -90,6 +98,7 @@ struct Run {
 fn run(cfg: &ModConfig, rows: &[Vec<u32>], device: &Device, w_scale: f32, bias: f32) -> Run {
     let (model, varmap) = trainable(cfg, device, w_scale, bias);
     let batch = Batch::from_rows(rows, 0, 64, device).unwrap();
+    let inference = model.forward(&batch, Mode::Inference).unwrap();
     let out = model.forward(&batch, Mode::Training).unwrap();
     let total = (loss::lm_loss(&out.logits, batch.ids(), batch.valid()).unwrap()
         + loss::load_reducing_loss(&out.stats, 0.01)
@@ -123,21 +132,27 @@ fn run(cfg: &ModConfig, rows: &[Vec<u32>], device: &Device, w_scale: f32, bias: 
         .collect();
     Run {
         logits: out.logits.to_device(&Device::Cpu).unwrap(),
+        inference_logits: inference.logits.to_device(&Device::Cpu).unwrap(),
         kept,
         loss: total.to_device(&Device::Cpu).unwrap().to_scalar().unwrap(),
         grads,
     }
 }
 
-/// GPU and CPU agree: the same kept tokens (bit-exact), logits and loss within 1e-4, and
-/// every gradient within 1e-4 relative.
+/// GPU and CPU agree: the same kept tokens (bit-exact), training and inference logits and
+/// loss within 1e-4, and every gradient within 1e-4 relative.
 fn assert_same(cfg: &ModConfig, rows: &[Vec<u32>], gpu: &Device, w_scale: f32, bias: f32) {
     let on_cpu = run(cfg, rows, &Device::Cpu, w_scale, bias);
     let on_gpu = run(cfg, rows, gpu, w_scale, bias);
-    let what = format!("{:?} {:?}", cfg.kv_policy, cfg.router);
+    let what = format!(
+        "{:?} {:?} skip adapter rank {}",
+        cfg.kv_policy, cfg.router, cfg.skip_adapter_rank
+    );
     assert_eq!(on_gpu.kept, on_cpu.kept, "{what}: kept tokens");
     let d = rel_diff(&on_gpu.logits, &on_cpu.logits);
     assert!(d < 1e-4, "{what}: logits differ by {d}");
+    let d = rel_diff(&on_gpu.inference_logits, &on_cpu.inference_logits);
+    assert!(d < 1e-4, "{what}: inference logits differ by {d}");
     assert!(
         (on_gpu.loss - on_cpu.loss).abs() <= 1e-4 * on_cpu.loss.abs().max(1.0),
         "{what}: loss {} vs {}",
@@ -164,6 +179,13 @@ fn routed_forward_and_backward_on_cuda_equal_the_cpu() {
             };
             assert_same(&cfg, &rows, &gpu, 3.0, 0.0);
         }
+        let with_adapters = ModConfig {
+            kv_policy: kv,
+            router: router("threshold"),
+            skip_adapter_rank: 4,
+            ..tiny::config_all_layers_no_sink()
+        };
+        assert_same(&with_adapters, &rows, &gpu, 3.0, 0.0);
     }
 }
 
