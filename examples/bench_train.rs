@@ -54,6 +54,10 @@ struct Args {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Also time one step's phases apart (forward, LM loss, backward), each waited for on
+    /// the device: where a GPU step's time goes.
+    #[arg(long)]
+    phases: bool,
     #[command(flatten)]
     run: support::DeviceArgs,
 }
@@ -107,10 +111,55 @@ fn main() -> Result<()> {
         let mfu = rate * 6.0 * params / (peak * 1e12);
         println!("{:<30} {:>12.3}", "MFU (6 x params a token)", mfu);
     }
+    if args.phases {
+        for (name, seconds) in phases(&trainer, &corpus, &ckpt)? {
+            println!("{:<30} {:>12.4}", format!("phase {name} s"), seconds);
+        }
+    }
     println!(
         "{:<30} {:>12.2}",
         "peak resident GB",
         peak_rss() as f64 / (1u64 << 30) as f64
     );
     Ok(())
+}
+
+/// Seconds of one micro-batch's forward (to the last hidden states), LM loss (chunked
+/// `lm_head` and NLL) and backward, each ended by a device synchronisation; the LM
+/// objective alone (no load term, no teacher).
+fn phases(
+    trainer: &Trainer,
+    corpus: &modification::train::Corpus,
+    ckpt: &Checkpoint,
+) -> Result<Vec<(&'static str, f64)>> {
+    use modification::{loss, Batch, Mode};
+    use std::time::Instant;
+    let cfg = trainer.config();
+    let model = trainer.model();
+    let device = model.base().device().clone();
+    let rows = corpus.train_batch(cfg.seed, 0, 0, cfg.batch_size);
+    let pad = ckpt.config.eos_token_id.unwrap_or(0);
+    let batch = Batch::from_rows(&rows, pad, ckpt.config.max_position_embeddings, &device)?;
+    let mut out = Vec::new();
+    let mut t = Instant::now();
+    let mut lap = |name, out: &mut Vec<(&'static str, f64)>| -> Result<()> {
+        device.synchronize()?;
+        out.push((name, t.elapsed().as_secs_f64()));
+        t = Instant::now();
+        Ok(())
+    };
+    let hidden = model.forward_hidden(&batch, Mode::Training)?;
+    lap("forward", &mut out)?;
+    let terms = loss::chunked_objective(
+        model.base(),
+        &hidden.hidden,
+        None,
+        batch.ids(),
+        batch.valid(),
+    )?;
+    let lm = terms.lm_loss()?;
+    lap("LM loss", &mut out)?;
+    lm.backward()?;
+    lap("backward", &mut out)?;
+    Ok(out)
 }

@@ -233,3 +233,50 @@ fn cached_decode_on_cuda_equals_the_cpu() {
     assert!(d < 1e-4, "decode logits differ by {d}");
     assert_eq!(last[1].1, last[0].1, "KV-cache bytes");
 }
+
+/// The GPU's prefix-softmax kernels (f32 and bf16) against the CPU implementation in f32:
+/// probabilities and the scores' gradient, on odd sizes (37 queries, 70 key slots: more
+/// than a warp's width) with counts from 0 (a padding slot) to every key.
+#[test]
+fn prefix_softmax_on_cuda_equals_the_cpu() {
+    use modification::model::prefix_softmax::prefix_softmax;
+    let Some(gpu) = cuda() else { return };
+    let (b, h, g, t, tk) = (2, 3, 3, 37, 70);
+    let counts: Vec<usize> = (0..b * t).map(|i| (i * 7) % (tk + 1)).collect();
+    let shape = (b, h, g * t, tk);
+    let scores = Tensor::from_vec(
+        tiny::values(b * h * g * t * tk, 5, 4.0),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let weights = Tensor::from_vec(
+        tiny::values(b * h * g * t * tk, 6, 1.0),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let run = |device: &Device, dtype: DType| -> (Tensor, Tensor) {
+        let var =
+            Var::from_tensor(&scores.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap();
+        let p = prefix_softmax(var.as_tensor(), &counts, t, 0.125).unwrap();
+        let w = weights.to_dtype(dtype).unwrap().to_device(device).unwrap();
+        let grads = (&p * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = grads.get(var.as_tensor()).unwrap();
+        let host = |x: &Tensor| {
+            x.to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+        };
+        (host(&p), host(grad))
+    };
+    let (p_cpu, g_cpu) = run(&Device::Cpu, DType::F32);
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let (p, grad) = run(&gpu, dtype);
+        let dp = rel_diff(&p, &p_cpu);
+        assert!(dp < tolerance, "{dtype:?}: probabilities differ by {dp}");
+        let dg = rel_diff(&grad, &g_cpu);
+        assert!(dg < tolerance, "{dtype:?}: gradients differ by {dg}");
+    }
+}

@@ -20,9 +20,10 @@ use crate::error::Result;
 use crate::model::flops::layer_flops;
 use crate::model::fused::runs_fused;
 use crate::model::kv_cache::{KvCache, LayerKeys};
+use crate::model::prefix_softmax;
 use crate::model::{attention_mask, Batch, Block, RotaryEmbedding, Visible};
 use crate::routing::{Dispatch, Selection};
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 /// Which of the keys a query may see.
 pub(super) enum Keys<'a> {
@@ -118,9 +119,19 @@ pub(super) fn sparse_layer(
     let (xq, normed_q) = (dq.gather(x)?, dq.gather(&normed)?);
     let q_positions = absolute_positions(tokens.queries, batch);
     // The fused kernel (CPU, f32) needs no mask and no score tensor: one call for
-    // every query. Elsewhere the mask is built on the device, chunk by chunk.
+    // every query. A GPU's prefix softmax needs no mask either; elsewhere the mask is
+    // built on the device, chunk by chunk.
     let fused = matches!(tokens.keys, Keys::Causal) && runs_fused(&xq);
-    let chunk = if fused { dq.width() } else { QUERY_CHUNK };
+    let by_counts = fused || prefix_softmax::runs_on_gpu(&xq);
+    let chunk = match fused {
+        true => dq.width(),
+        false => query_chunk(
+            &device,
+            batch.batch_size(),
+            cfg.num_attention_heads,
+            keys.k.dim(2)?,
+        ),
+    };
     let mut deltas = Vec::new();
     for start in (0..dq.width()).step_by(chunk) {
         let n = chunk.min(dq.width() - start);
@@ -133,7 +144,7 @@ pub(super) fn sparse_layer(
         );
         let (counts, mask);
         let visible = match &kept_k {
-            None if fused => {
+            None if by_counts => {
                 counts = visible_counts(&q_positions, &keys.row_positions, start, n);
                 Visible::Prefix(&counts)
             }
@@ -168,10 +179,25 @@ pub(super) fn sparse_layer(
     Ok((dq.add_back(x, &delta)?, spent))
 }
 
-/// Query slots per attention chunk. A long prompt attends chunk by chunk, each chunk to
-/// the keys up to its last position: no `(T, T)` score tensor is built (memory linear in
-/// T) and most of the masked upper half of the scores is never computed.
+/// Query slots per attention chunk on the CPU. A long prompt attends chunk by chunk, each
+/// chunk to the keys up to its last position: no `(T, T)` score tensor is built (memory
+/// linear in T) and most of the masked upper half of the scores is never computed.
 const QUERY_CHUNK: usize = 256;
+
+/// Score elements `(B, heads, chunk, keys)` one attention chunk may hold on a GPU: 2²⁷
+/// (256 MiB in bf16).
+const GPU_SCORE_ELEMENTS: usize = 1 << 27;
+
+/// Query slots per attention chunk for `b` rows of `heads` query heads over `keys` key
+/// slots. On the CPU, [`QUERY_CHUNK`]. A GPU runs a chunk's dozen ops in microseconds and
+/// pays a launch for each, so it takes as many queries a chunk as [`GPU_SCORE_ELEMENTS`]
+/// allows (a 2048-token prompt in one chunk instead of 8).
+fn query_chunk(device: &Device, b: usize, heads: usize, keys: usize) -> usize {
+    match device {
+        Device::Cpu => QUERY_CHUNK,
+        _ => (GPU_SCORE_ELEMENTS / (b * heads * keys).max(1)).max(QUERY_CHUNK),
+    }
+}
 
 /// The absolute position of every selected token, per row.
 fn absolute_positions(sel: &Selection, batch: &Batch) -> Vec<Vec<u32>> {

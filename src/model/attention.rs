@@ -4,6 +4,7 @@ use super::fused::runs_fused;
 use super::linear::Projection;
 use super::ops::softmax_last_dim;
 use super::prefix_attention::prefix_attention;
+use super::prefix_softmax::{self, prefix_softmax};
 use super::rope::RopeAt;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -111,7 +112,8 @@ impl Attention {
     /// that share a KV head are stacked along the query axis, `(B, n_kv, G·Tq, hd)`, so that
     /// one batched product per KV head serves the whole group. [`Visible::Prefix`] on f32
     /// CPU tensors runs the fused kernel of
-    /// [`prefix_attention`] (with a backward);
+    /// [`prefix_attention`] (with a backward), and on f32 or bf16 GPU tensors the score
+    /// products around the [`prefix_softmax`] kernel;
     /// everything else runs candle's composed ops (scores, additive mask, softmax,
     /// product with V).
     ///
@@ -141,6 +143,11 @@ impl Attention {
         let fused = runs_fused(&q);
         let out = match visible {
             Visible::Prefix(counts) if fused => prefix_attention(&q, k, v, counts, scale as f32)?,
+            // A GPU: the scores, then one kernel for scale, prefix and softmax (no mask).
+            Visible::Prefix(counts) if prefix_softmax::runs_on_gpu(&q) => {
+                let scores = q.matmul(&k.t()?)?;
+                prefix_softmax(&scores, counts, t, scale as f32)?.matmul(v)?
+            }
             visible => {
                 let mut scores = (q.matmul(&k.t()?)? * scale)?;
                 let mask = match visible {

@@ -19,6 +19,7 @@ pub mod lora;
 pub mod mlp;
 pub mod ops;
 pub mod prefix_attention;
+pub mod prefix_softmax;
 mod qgemv;
 pub mod rope;
 pub mod token_losses;

@@ -1,0 +1,132 @@
+//! The prefix softmax (the GPU's masked attention softmax) on the CPU, where it is the
+//! reference of its CUDA kernels (`tests/cuda.rs`): its forward against softmax computed
+//! from its definition in f64, its backward against central finite differences.
+
+mod common;
+#[path = "common/tiny.rs"]
+mod tiny;
+
+use candle_core::{DType, Device, Tensor, Var};
+use modification::model::prefix_softmax::prefix_softmax;
+use modification::Error;
+
+/// Batch rows, query heads per row (KV heads × group), queries per row, key slots.
+const B: usize = 2;
+const H: usize = 2;
+const G: usize = 3;
+const T: usize = 5;
+const TK: usize = 7;
+const SCALE: f32 = 0.35;
+
+/// Visible-key counts, `B·T`: a full row, a single key, and 0 (a padding slot).
+fn counts() -> Vec<usize> {
+    vec![1, 2, 3, 7, 0, 7, 6, 1, 4, 5]
+}
+
+fn scores(seed: u64) -> Vec<f64> {
+    tiny::values(B * H * G * T * TK, seed, 3.0)
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+/// The probabilities from the definition: row `(b, h, g·T + t)` is query t of row b.
+fn expected(s: &[f64], counts: &[usize]) -> Vec<f64> {
+    let mut p = vec![0.0; s.len()];
+    for (row, (s, p)) in s.chunks(TK).zip(p.chunks_mut(TK)).enumerate() {
+        let n = counts[(row / (H * G * T)) * T + row % T];
+        let z: f64 = s[..n].iter().map(|v| (v * SCALE as f64).exp()).sum();
+        for j in 0..n {
+            p[j] = (s[j] * SCALE as f64).exp() / z;
+        }
+    }
+    p
+}
+
+#[test]
+fn forward_equals_the_definition() -> anyhow::Result<()> {
+    let s = scores(1);
+    let t = Tensor::from_vec(s.clone(), (B, H, G * T, TK), &Device::Cpu)?;
+    let got: Vec<f64> = prefix_softmax(&t, &counts(), T, SCALE)?
+        .flatten_all()?
+        .to_vec1()?;
+    let want = expected(&s, &counts());
+    let diff = (got.iter().zip(&want))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-12, "largest difference {diff}");
+    // Rows of query 4 of batch row 0 see no key: all zero.
+    for h in 0..H * G {
+        let row = h * T + 4;
+        assert!(got[row * TK..(row + 1) * TK].iter().all(|&v| v == 0.0));
+    }
+    // f32 within rounding of the f64 values.
+    let got32: Vec<f32> = prefix_softmax(&t.to_dtype(DType::F32)?, &counts(), T, SCALE)?
+        .flatten_all()?
+        .to_vec1()?;
+    let diff = (got32.iter().zip(&want))
+        .map(|(&a, b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-6, "f32: largest difference {diff}");
+    Ok(())
+}
+
+#[test]
+fn backward_equals_finite_differences() -> anyhow::Result<()> {
+    let s = scores(2);
+    let r = scores(3);
+    let weights = Tensor::from_vec(r.clone(), (B, H, G * T, TK), &Device::Cpu)?;
+    let var = Var::from_tensor(&Tensor::from_vec(
+        s.clone(),
+        (B, H, G * T, TK),
+        &Device::Cpu,
+    )?)?;
+    let loss = (prefix_softmax(var.as_tensor(), &counts(), T, SCALE)? * &weights)?.sum_all()?;
+    let grad: Vec<f64> = loss
+        .backward()?
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()?
+        .to_vec1()?;
+    // L(s) = Σ P(s) ⊙ R from the definition, differentiated numerically.
+    let objective = |s: &[f64]| -> f64 {
+        expected(s, &counts())
+            .iter()
+            .zip(&r)
+            .map(|(p, w)| p * w)
+            .sum()
+    };
+    let h = 1e-6;
+    let mut worst: f64 = 0.0;
+    for i in 0..s.len() {
+        let (mut up, mut down) = (s.clone(), s.clone());
+        up[i] += h;
+        down[i] -= h;
+        let numeric = (objective(&up) - objective(&down)) / (2.0 * h);
+        worst = worst.max((numeric - grad[i]).abs());
+    }
+    assert!(worst < 1e-7, "largest gradient difference {worst}");
+    Ok(())
+}
+
+#[test]
+fn misfit_counts_are_typed_errors() -> anyhow::Result<()> {
+    let t = Tensor::zeros((B, H, G * T, TK), DType::F32, &Device::Cpu)?;
+    let short = &counts()[1..];
+    assert!(matches!(
+        prefix_softmax(&t, short, T, SCALE),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut beyond = counts();
+    beyond[3] = TK + 1;
+    assert!(matches!(
+        prefix_softmax(&t, &beyond, T, SCALE),
+        Err(Error::InvalidArgument(_))
+    ));
+    // Queries a row that do not divide the score rows.
+    assert!(matches!(
+        prefix_softmax(&t, &counts(), 4, SCALE),
+        Err(Error::InvalidArgument(_))
+    ));
+    Ok(())
+}
