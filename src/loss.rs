@@ -96,11 +96,18 @@ impl ObjectiveTerms {
     }
 }
 
-/// Tokens per vocabulary chunk: logits of one chunk stay under 24 MiB of f32, small enough
-/// for the allocator to reuse (a `(B, T, vocab)` tensor is mapped fresh from the OS, page
-/// by page, every time; on a 49 k vocabulary that was a third of a training step).
-fn chunk_tokens(vocab: usize) -> usize {
-    ((24 << 20) / (4 * vocab.max(1))).max(1)
+/// Tokens per vocabulary chunk. On the CPU, logits of one chunk stay under 24 MiB of f32,
+/// small enough for the allocator to reuse (a `(B, T, vocab)` tensor is mapped fresh from
+/// the OS, page by page, every time; on a 49 k vocabulary that was a third of a training
+/// step). A GPU pays a kernel launch per op and chunk instead (128-token chunks made a
+/// 16 × 1024-token step 128 chunks of several dozen launches): its chunks hold up to 2²⁸
+/// logits (1 GiB of f32).
+fn chunk_tokens(vocab: usize, device: &candle_core::Device) -> usize {
+    let budget = match device {
+        candle_core::Device::Cpu => (24 << 20) / 4,
+        _ => 1 << 28,
+    };
+    (budget / vocab.max(1)).max(1)
 }
 
 /// The LM loss and the distillation KL computed from final hidden states over chunks of
@@ -149,7 +156,7 @@ pub fn chunked_objective(
         }
         None => None,
     };
-    let chunk = chunk_tokens(student.config().vocab_size);
+    let chunk = chunk_tokens(student.config().vocab_size, device);
     let mut nll_sum = Tensor::zeros((), DType::F32, device)?;
     let mut kl_sum = Tensor::zeros((), DType::F32, device)?;
     // A chunk of at most DECODE_ROWS rows would take the decode path's `lm_head` (quantized
