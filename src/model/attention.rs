@@ -29,8 +29,8 @@ pub enum Visible<'a> {
     Mask(&'a Tensor),
     /// A prefix of each row's key slots (keys held in ascending original position, so a
     /// causal query sees a prefix): query slot `t` of row `b` sees keys
-    /// `0..counts[b·Tq + t]`; 0 for a padding slot, whose output is zero on the fused
-    /// path and uniform over the keys on the composed one (it is dropped either way).
+    /// `0..counts[b·Tq + t]`; 0 for a padding slot, whose output is zero on the fused and
+    /// GPU paths and uniform over the keys on the composed one (it is dropped either way).
     Prefix(&'a [usize]),
 }
 
@@ -113,7 +113,7 @@ impl Attention {
     /// one batched product per KV head serves the whole group. [`Visible::Prefix`] on f32
     /// CPU tensors runs the fused kernel of
     /// [`prefix_attention`] (with a backward), and on f32 or bf16 GPU tensors the score
-    /// products around the [`prefix_softmax`] kernel;
+    /// products around the [`prefix_softmax()`] kernel;
     /// everything else runs candle's composed ops (scores, additive mask, softmax,
     /// product with V).
     ///
