@@ -101,7 +101,8 @@ impl ObjectiveTerms {
 /// the OS, page by page, every time; on a 49 k vocabulary that was a third of a training
 /// step). A GPU pays a kernel launch per op and chunk instead (128-token chunks made a
 /// 16 × 1024-token step 128 chunks of several dozen launches): its chunks hold up to 2²⁸
-/// logits (1 GiB of f32).
+/// logits (1 GiB of f32; with a teacher and candle's composed losses, several such
+/// tensors live until the backward, a few GiB).
 fn chunk_tokens(vocab: usize, device: &candle_core::Device) -> usize {
     let budget = match device {
         candle_core::Device::Cpu => (24 << 20) / 4,

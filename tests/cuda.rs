@@ -279,4 +279,23 @@ fn prefix_softmax_on_cuda_equals_the_cpu() {
         let dg = rel_diff(&grad, &g_cpu);
         assert!(dg < tolerance, "{dtype:?}: gradients differ by {dg}");
     }
+    // An infinite score makes its row NaN, in bf16 as on the CPU (never a silent 0).
+    let row = Tensor::new(&[f32::INFINITY, 0.0, 1.0, 2.0], &gpu).unwrap();
+    let row = row
+        .reshape((1, 1, 1, 4))
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let p = prefix_softmax(&row, &[4], 1, 0.125).unwrap();
+    let p: Vec<f32> = p
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(
+        p.iter().all(|v| v.is_nan()),
+        "bf16 row with an infinite score: {p:?}"
+    );
 }

@@ -128,5 +128,21 @@ fn misfit_counts_are_typed_errors() -> anyhow::Result<()> {
         prefix_softmax(&t, &counts(), 4, SCALE),
         Err(Error::InvalidArgument(_))
     ));
+    // The row maximum is taken over raw scores: a scale must be positive and finite.
+    for scale in [0.0, -0.5, f32::NAN, f32::INFINITY] {
+        let got = prefix_softmax(&t, &counts(), T, scale);
+        assert!(
+            matches!(got, Err(Error::InvalidArgument(_))),
+            "scale {scale}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn empty_scores_give_empty_probabilities() -> anyhow::Result<()> {
+    let t = Tensor::zeros((B, H, G * T, 0), DType::F32, &Device::Cpu)?;
+    let p = prefix_softmax(&t, &vec![0; B * T], T, SCALE)?;
+    assert_eq!(p.dims(), &[B, H, G * T, 0]);
     Ok(())
 }

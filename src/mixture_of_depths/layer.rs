@@ -184,18 +184,20 @@ pub(super) fn sparse_layer(
 /// linear in T) and most of the masked upper half of the scores is never computed.
 const QUERY_CHUNK: usize = 256;
 
-/// Score elements `(B, heads, chunk, keys)` one attention chunk may hold on a GPU: 2²⁷
+/// Score elements `(B, heads, chunk, keys)` an attention chunk aims at on a CUDA GPU: 2²⁷
 /// (256 MiB in bf16).
 const GPU_SCORE_ELEMENTS: usize = 1 << 27;
 
 /// Query slots per attention chunk for `b` rows of `heads` query heads over `keys` key
-/// slots. On the CPU, [`QUERY_CHUNK`]. A GPU runs a chunk's dozen ops in microseconds and
-/// pays a launch for each, so it takes as many queries a chunk as [`GPU_SCORE_ELEMENTS`]
-/// allows (a 2048-token prompt in one chunk instead of 8).
+/// slots. Elsewhere than on CUDA, [`QUERY_CHUNK`]. A GPU runs a chunk's dozen ops in
+/// microseconds and pays a launch for each, so it takes as many queries a chunk as
+/// [`GPU_SCORE_ELEMENTS`] allows (a 2048-token prompt in one chunk instead of 8), and
+/// never fewer than [`QUERY_CHUNK`] (so a chunk holds more than the target when
+/// `b · heads · keys` exceeds 2¹⁹).
 fn query_chunk(device: &Device, b: usize, heads: usize, keys: usize) -> usize {
     match device {
-        Device::Cpu => QUERY_CHUNK,
-        _ => (GPU_SCORE_ELEMENTS / (b * heads * keys).max(1)).max(QUERY_CHUNK),
+        Device::Cuda(_) => (GPU_SCORE_ELEMENTS / (b * heads * keys).max(1)).max(QUERY_CHUNK),
+        _ => QUERY_CHUNK,
     }
 }
 

@@ -32,10 +32,16 @@ pub fn runs_on_gpu(scores: &Tensor) -> bool {
 /// `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`.
 ///
 /// Errors: [`Error::InvalidArgument`] when `counts` does not hold `B·T` values for the
-/// query axis or a count exceeds `Tk`; [`Error::Candle`] for another dtype (f16 on the
+/// query axis, a count exceeds `Tk`, or `scale` is not positive and finite; [`Error::Candle`] for another dtype (f16 on the
 /// CPU, anything but f32 and bf16 on a GPU) or when the kernel cannot be compiled.
 pub fn prefix_softmax(scores: &Tensor, counts: &[usize], t: usize, scale: f32) -> Result<Tensor> {
     let (b, heads, group_rows, tk) = scores.dims4()?;
+    // The row maximum is taken over the raw scores: right for a positive scale only.
+    if !(scale > 0.0 && scale.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "prefix softmax: the scale must be positive and finite, got {scale}"
+        )));
+    }
     let well_formed =
         t > 0 && group_rows % t == 0 && counts.len() == b * t && counts.iter().all(|&n| n <= tk);
     if !well_formed {
@@ -45,6 +51,9 @@ pub fn prefix_softmax(scores: &Tensor, counts: &[usize], t: usize, scale: f32) -
             counts.len(),
             scores.dims()
         )));
+    }
+    if scores.elem_count() == 0 {
+        return Ok(scores.zeros_like()?);
     }
     let counts: Vec<u32> = counts.iter().map(|&n| n as u32).collect();
     let counts = Tensor::from_vec(counts, b * t, scores.device())?;
@@ -249,13 +258,14 @@ mod gpu {
 
     const SOURCE: &str = r#"
 typedef unsigned short bf16;
-__device__ __forceinline__ float load(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float load(const bf16* p, long i) {
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load(const bf16* p, long long i) {
     return __uint_as_float(((unsigned int)p[i]) << 16);
 }
-__device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(bf16* p, long i, float v) {
+__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(bf16* p, long long i, float v) {
     unsigned int b = __float_as_uint(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16)((b >> 16) | 0x40u); return; }  // NaN stays NaN
     p[i] = (bf16)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);  // round to nearest even
 }
 __device__ __forceinline__ float warp_max(float v) {
@@ -268,9 +278,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 template <typename T>
-__device__ void forward(const T* s, const unsigned int* counts, T* p, long rows, int tk,
-                        int t, long rows_per_batch, float scale) {
-    long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+__device__ void forward(const T* s, const unsigned int* counts, T* p, long long rows, int tk,
+                        int t, long long rows_per_batch, float scale) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
     int n = (int)counts[(row / rows_per_batch) * t + row % t];
@@ -288,8 +298,8 @@ __device__ void forward(const T* s, const unsigned int* counts, T* p, long rows,
 }
 
 template <typename T>
-__device__ void backward(const T* p, const T* dp, T* ds, long rows, int tk, float scale) {
-    long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+__device__ void backward(const T* p, const T* dp, T* ds, long long rows, int tk, float scale) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
     const T* pr = p + row * tk;
@@ -302,13 +312,13 @@ __device__ void backward(const T* p, const T* dp, T* ds, long rows, int tk, floa
 }
 
 extern "C" __global__ void prefix_softmax_f32(const float* s, const unsigned int* c, float* p,
-        long rows, int tk, int t, long rpb, float scale) { forward(s, c, p, rows, tk, t, rpb, scale); }
+        long long rows, int tk, int t, long long rpb, float scale) { forward(s, c, p, rows, tk, t, rpb, scale); }
 extern "C" __global__ void prefix_softmax_bf16(const bf16* s, const unsigned int* c, bf16* p,
-        long rows, int tk, int t, long rpb, float scale) { forward(s, c, p, rows, tk, t, rpb, scale); }
+        long long rows, int tk, int t, long long rpb, float scale) { forward(s, c, p, rows, tk, t, rpb, scale); }
 extern "C" __global__ void prefix_softmax_bwd_f32(const float* p, const float* dp, float* ds,
-        long rows, int tk, float scale) { backward(p, dp, ds, rows, tk, scale); }
+        long long rows, int tk, float scale) { backward(p, dp, ds, rows, tk, scale); }
 extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp, bf16* ds,
-        long rows, int tk, float scale) { backward(p, dp, ds, rows, tk, scale); }
+        long long rows, int tk, float scale) { backward(p, dp, ds, rows, tk, scale); }
 "#;
 
     /// Rows (warps) per block.
@@ -328,9 +338,20 @@ extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp
         }
     }
 
+    /// The kernels index columns with `int` and launch a block per 4 rows.
+    fn check_sizes(rows: usize, tk: usize) -> candle_core::Result<()> {
+        let blocks = rows.div_ceil(ROWS_PER_BLOCK as usize);
+        if blocks > i32::MAX as usize || tk > i32::MAX as usize {
+            candle_core::bail!(
+                "prefix softmax: {rows} rows of {tk} keys exceed the kernel's range"
+            );
+        }
+        Ok(())
+    }
+
     fn launch_config(rows: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: ((rows as u32).div_ceil(ROWS_PER_BLOCK), 1, 1),
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK as usize) as u32, 1, 1),
             block_dim: (32 * ROWS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         }
@@ -353,6 +374,7 @@ extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp
         counts: &CudaView<u32>,
         a: Args,
     ) -> candle_core::Result<CudaStorage> {
+        check_sizes(a.rows, a.tk)?;
         let dev = s.device.clone();
         let (rows, tk, t, rpb) = (
             a.rows as i64,
@@ -396,6 +418,7 @@ extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp
         tk: usize,
         scale: f32,
     ) -> candle_core::Result<CudaStorage> {
+        check_sizes(rows, tk)?;
         let dev = p.device.clone();
         let (n_rows, width) = (rows as i64, tk as i32);
         macro_rules! run {
