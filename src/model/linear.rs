@@ -56,7 +56,7 @@ impl CustomOp2 for FrozenMatmul {
         let (m, n, k) = mnk(l1, l2)?;
         // A weight stored `(out, in)` (its transpose is the operand): a few rows are a
         // decode step, bound by reading the weight once; up to a few hundred, a short
-        // prompt, where tiles of dot products beat packing both operands.
+        // prompt, where outer products on the weight as stored beat packing both operands.
         let weight_rows = l2.stride() == [1, k];
         if let (CpuStorage::F32(x), CpuStorage::F32(w), true) = (s1, s2, weight_rows) {
             let w0 = l2.start_offset();
@@ -64,8 +64,8 @@ impl CustomOp2 for FrozenMatmul {
                 let x = &x[x0..x1];
                 let y = if m <= super::gemv::MAX_ROWS {
                     Some(super::gemv::gemv(x, m, k, w, n))
-                } else if m <= super::dot_tiles::MAX_ROWS {
-                    super::dot_tiles::matmul_wt(x, m, k, w, n)
+                } else if m <= super::outer_product::MAX_ROWS {
+                    super::outer_product::matmul_wt(x, m, k, w, n)
                 } else {
                     None
                 };
