@@ -107,8 +107,14 @@ pub(crate) mod tests {
 
     /// Deterministic operands in [-1, 1]: `x` `(m, k)` and `w` `(n, k)`, row-major.
     pub(crate) fn operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
-        let x = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0);
-        let w = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0);
+        // Hashed indices, not a short period: no two rows of x (or of w) are equal, so a
+        // kernel that mixes up rows cannot pass by chance.
+        let value = |i: usize, salt: u64| {
+            let h = (i as u64 ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            (h % 2001) as f32 / 1000.0 - 1.0
+        };
+        let x = (0..m * k).map(|i| value(i, 0x5151));
+        let w = (0..n * k).map(|i| value(i, 0xA3A3));
         (x.collect(), w.collect())
     }
 

@@ -11,9 +11,9 @@
 //! laid out for it once per call: the activations transposed into panels of 32 tokens
 //! (`k × 32`, one copy of `x`, shared by the threads), and each thread's weight rows,
 //! slice by slice of [`SLICE`] values, interleaved 12 rows at a time. A panel's slice
-//! (32 KiB) stays in the L1 cache while every block of weight rows is multiplied with
-//! it, and the weight is read from memory once in all, its next slice fetched while the
-//! current one is multiplied.
+//! (32 KiB) stays in the L1 cache while a group of 16 blocks of weight rows is multiplied
+//! with it, and the weight is read from memory once in all, its next slice fetched while
+//! it is interleaved.
 //!
 //! Measured on this machine's 2 cores (AVX-512, 177 GFLOP/s a core on register-only
 //! multiply-adds): the tile alone, in L1, 174 GFLOP/s on one core; whole products with
@@ -38,13 +38,14 @@ const ROWS: usize = 12;
 const TOKENS: usize = 32;
 
 /// Values of `k` multiplied in one pass: a slice of a token panel (`SLICE × 32` values,
-/// 32 KiB) stays in the L1 cache while every block of weight rows is multiplied with it.
+/// 32 KiB) stays in the L1 cache while a group of blocks of weight rows is multiplied
+/// with it.
 #[cfg(target_arch = "x86_64")]
 const SLICE: usize = 256;
 
 /// Blocks of [`ROWS`] weight rows multiplied together, slice by slice: their interleaved
-/// slice (at most 192 KiB) and their sums (at most 1.5 MiB at 256 tokens) stay in the L2
-/// cache, and a thread's scratch is bounded whatever the weight's size (`lm_head`).
+/// slice and their sums (192 KiB each at 256 tokens) stay in the L2 cache, and a thread's
+/// scratch is bounded whatever the weight's size (`lm_head`).
 #[cfg(target_arch = "x86_64")]
 const GROUP_BLOCKS: usize = 16;
 
@@ -58,11 +59,16 @@ thread_local! {
 }
 
 /// `y = x · wᵀ`: `x` `(m, k)` and `w` `(n, k)` row-major f32 slices; returns `y` `(m, n)`
-/// row-major, or `None` where this CPU has no AVX-512 (the caller then uses `gemm`).
-/// Meant for `m` up to [`MAX_ROWS`]: the scratch it keeps per thread grows with `m`.
+/// row-major, or `None` (the caller then uses `gemm`) where this CPU has no AVX-512, `m`
+/// or `k` is 0, or a slice is shorter than its shape. Meant for `m` up to [`MAX_ROWS`]:
+/// the token panels it keeps for the calling thread grow with `m·k`.
 pub(crate) fn matmul_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && k > 0 && x.len() >= m * k && w.len() >= n * k
+    if std::is_x86_feature_detected!("avx512f")
+        && m > 0
+        && k > 0
+        && x.len() >= m * k
+        && w.len() >= n * k
     {
         let mut y = Vec::with_capacity(m * n);
         let out = Output(y.as_mut_ptr());
@@ -72,6 +78,7 @@ pub(crate) fn matmul_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> O
             let panels = token_panels(&x[..m * k], m, k, &mut buffer);
             let split = super::awake_pool::Next::Later;
             super::awake_pool::for_each_range(n, ROWS, 4 * ROWS, split, |rows| {
+                // The whole `Output` (which is Sync), not its pointer field alone.
                 let out = &out;
                 let w = &w[rows.start * k..rows.end * k];
                 // SAFETY: the CPU supports AVX-512F (checked above); `w` holds these rows
@@ -141,12 +148,20 @@ mod avx512 {
                 // 16 tokens × 16 values, zero past the last token (an array of constant
                 // indices, so that it stays in registers).
                 let block: [__m512; 16] = std::array::from_fn(|t| {
-                    let (row, lanes) = if t < count { (t0 + t, u16::MAX) } else { (0, 0) };
+                    let (row, lanes) = if t < count {
+                        (t0 + t, u16::MAX)
+                    } else {
+                        (0, 0)
+                    };
                     // SAFETY: row `row` < tokens holds values j0..j0 + 16 ≤ k; a load with
                     // no lanes reads nothing.
                     unsafe { _mm512_maskz_loadu_ps(lanes, rows.as_ptr().add(row * k + j0)) }
                 });
-                let columns = if count == 0 { block } else { transpose16(block) };
+                let columns = if count == 0 {
+                    block
+                } else {
+                    transpose16(block)
+                };
                 for (j, v) in columns.iter().enumerate() {
                     let at = (j0 + j) * TOKENS + t0;
                     // SAFETY: (j0 + j)·32 + t0 + 16 ≤ 32·k ≤ panel.len().
@@ -179,7 +194,10 @@ mod avx512 {
         // u[4i + q], lane L: column 4L + q of rows 4i..4i + 4.
         let u: [__m512; 16] = std::array::from_fn(|i| {
             let (g, q) = (i / 4 * 4, i % 4);
-            let (a, b) = (_mm512_castps_pd(t[g + q / 2]), _mm512_castps_pd(t[g + 2 + q / 2]));
+            let (a, b) = (
+                _mm512_castps_pd(t[g + q / 2]),
+                _mm512_castps_pd(t[g + 2 + q / 2]),
+            );
             _mm512_castpd_ps(if q % 2 == 0 {
                 _mm512_unpacklo_pd(a, b)
             } else {
@@ -416,5 +434,14 @@ mod tests {
                 None => assert!(!avx512(), "declined ({m}, {k}, {n}) on an AVX-512 CPU"),
             }
         }
+    }
+
+    #[test]
+    fn empty_or_short_operands_are_declined() {
+        let (x, w) = operands(4, 16, 13);
+        assert!(matmul_wt(&[], 0, 16, &w, 13).is_none());
+        assert!(matmul_wt(&x, 4, 0, &w, 13).is_none());
+        assert!(matmul_wt(&x[..63], 4, 16, &w, 13).is_none());
+        assert!(matmul_wt(&x, 4, 16, &w[..207], 13).is_none());
     }
 }
