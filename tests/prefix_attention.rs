@@ -87,7 +87,8 @@ fn causal(b: usize, tq: usize, cached: usize) -> Vec<usize> {
 fn prefix_attention_equals_its_definition() {
     let dev = Device::Cpu;
     // (rows, KV heads, query heads per KV head, query slots, keys, head width, counts)
-    let mut cases: Vec<(usize, usize, usize, usize, usize, usize, Vec<usize>)> = vec![];
+    type Case = (usize, usize, usize, usize, usize, usize, Vec<usize>);
+    let mut cases: Vec<Case> = vec![];
     for t in [1usize, 7, 64, 1000] {
         // A causal prompt, grouped-query attention (3 query heads per KV head).
         cases.push((1, 3, 3, t, t, 64, causal(1, t, 0)));

@@ -142,7 +142,7 @@ fn misfit_counts_are_typed_errors() -> anyhow::Result<()> {
 #[test]
 fn empty_scores_give_empty_probabilities() -> anyhow::Result<()> {
     let t = Tensor::zeros((B, H, G * T, 0), DType::F32, &Device::Cpu)?;
-    let p = prefix_softmax(&t, &vec![0; B * T], T, SCALE)?;
+    let p = prefix_softmax(&t, &[0; B * T], T, SCALE)?;
     assert_eq!(p.dims(), &[B, H, G * T, 0]);
     Ok(())
 }

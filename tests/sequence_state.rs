@@ -249,7 +249,7 @@ fn kv_cache_bad_indices_are_errors_not_panics() {
         .unwrap();
     // Layer 0 keeps its sink and whatever passes p; the cache holds exactly those.
     let n = cache.len(0, 0).unwrap();
-    assert!(n >= 1 && n <= 3);
+    assert!((1..=3).contains(&n));
     assert_eq!((keys.k.dims(), keys.lengths), (&[1, 2, n, 16][..], vec![n]));
     assert!(cache.check_continues(&[0, 0]).is_err());
     assert!(cache.check_continues(&[3]).is_ok());

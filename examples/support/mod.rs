@@ -190,7 +190,7 @@ pub fn random_checkpoint(
     device: &candle_core::Device,
 ) -> anyhow::Result<modification::Checkpoint> {
     use anyhow::Context;
-    let config = modification::LlamaConfig::from_json_file(&dir.join("config.json"))?;
+    let config = modification::LlamaConfig::from_json_file(dir.join("config.json"))?;
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
     let mut tensors = std::collections::HashMap::new();

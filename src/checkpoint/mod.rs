@@ -87,7 +87,7 @@ impl Checkpoint {
     pub fn read_config(model: &str) -> Result<LlamaConfig> {
         let path = Path::new(model);
         if path.is_dir() {
-            LlamaConfig::from_json_file(&path.join("config.json"))
+            LlamaConfig::from_json_file(path.join("config.json"))
         } else if path.is_file() {
             gguf::read_config(path)
         } else if hub::looks_like_repo_id(model) {

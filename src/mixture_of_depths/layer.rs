@@ -55,6 +55,7 @@ pub(super) struct LayerTokens<'a> {
 /// residual stream `(B, T, d)` and the FLOPs spent (see [`layer_cost`]). With a `cache`,
 /// the writers' keys and values are appended to it first and the queries attend to
 /// everything the cache holds for their row.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn sparse_layer(
     layer: &Block,
     j: usize,

@@ -73,7 +73,7 @@ impl Batch {
             )));
         }
         for (row, &start) in rows.iter().zip(starts) {
-            let end = start.checked_add(row.len()).unwrap_or(usize::MAX);
+            let end = start.saturating_add(row.len());
             if end > max_len {
                 return Err(Error::SequenceTooLong {
                     len: end,

@@ -51,7 +51,7 @@ pub(crate) fn gemv_blocks(
     format: Format,
 ) -> Vec<f32> {
     let block_bytes = format.block_bytes();
-    debug_assert!(k % BLOCK == 0 && w.len() >= n * k / BLOCK * block_bytes);
+    debug_assert!(k.is_multiple_of(BLOCK) && w.len() >= n * k / BLOCK * block_bytes);
     let blocks = k / BLOCK;
     let row_bytes = blocks * block_bytes;
     // Σ x over each block of each row of x.

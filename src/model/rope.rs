@@ -28,7 +28,7 @@ impl RotaryEmbedding {
     /// Errors: [`Error::InvalidArgument`] for a zero or odd `head_dim`, no positions, or a
     /// non-positive `theta`.
     pub fn new(head_dim: usize, max_positions: usize, theta: f64, device: &Device) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 || max_positions == 0 || !(theta > 0.0) {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || max_positions == 0 || !(theta > 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "RoPE needs an even head width, positions and θ > 0; got head width \
                  {head_dim}, {max_positions} positions, θ = {theta}"

@@ -370,7 +370,7 @@ impl Trainer {
             let report = self.train_step(corpus)?;
             on_step(&report);
             if let Some(dir) = checkpoint_dir {
-                let due = checkpoint_every > 0 && self.step % checkpoint_every == 0;
+                let due = checkpoint_every > 0 && self.step.is_multiple_of(checkpoint_every);
                 if due || self.step == self.config.steps {
                     self.save_state(dir, corpus)?;
                 }
