@@ -255,3 +255,58 @@ impl Projection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn the_input_gradient_through_a_frozen_weight_is_the_product_computed_in_f64() {
+        // Inputs of a decode step's, a prompt's and a batch's size (the forward takes the
+        // matrix-vector kernels, the outer products and gemm): dL/dx for
+        // L = Σ (x · Wᵀ) ⊙ R is R · W.
+        let (k, n) = (70, 45);
+        let value = |i: usize, salt: usize| ((i * 7919 + salt) % 1999) as f32 / 999.5 - 1.0;
+        let w: Vec<f32> = (0..n * k).map(|i| value(i, 3)).collect();
+        let weight = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+        for m in [3, 64, 300] {
+            let x = Var::from_vec(
+                (0..m * k).map(|i| value(i, 11)).collect(),
+                (m, k),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let r: Vec<f32> = (0..m * n).map(|i| value(i, 29)).collect();
+            let r_t = Tensor::from_vec(r.clone(), (m, n), &Device::Cpu).unwrap();
+            let loss = (linear(x.as_tensor(), &weight).unwrap() * r_t)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let dx: Vec<f32> = grads
+                .get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                grads.get(&weight).is_none(),
+                "a frozen weight got a gradient"
+            );
+            for i in 0..m {
+                for j in 0..k {
+                    let want: f64 = (0..n)
+                        .map(|c| r[i * n + c] as f64 * w[c * k + j] as f64)
+                        .sum();
+                    let got = dx[i * k + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "m {m} ({i}, {j}): {got} against {want}"
+                    );
+                }
+            }
+        }
+    }
+}
