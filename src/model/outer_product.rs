@@ -49,6 +49,10 @@ const SLICE: usize = 256;
 #[cfg(target_arch = "x86_64")]
 const GROUP_BLOCKS: usize = 16;
 
+/// Token panels larger than this (values, 4 MiB) are not kept for the next product.
+#[cfg(target_arch = "x86_64")]
+const KEEP_PANELS: usize = 1 << 20;
+
 #[cfg(target_arch = "x86_64")]
 thread_local! {
     /// The calling thread's token panels, kept between products so that a prefill does
@@ -61,7 +65,8 @@ thread_local! {
 /// `y = x · wᵀ`: `x` `(m, k)` and `w` `(n, k)` row-major f32 slices; returns `y` `(m, n)`
 /// row-major, or `None` (the caller then uses `gemm`) where this CPU has no AVX-512, `m`
 /// or `k` is 0, or a slice is shorter than its shape. Meant for `m` up to [`MAX_ROWS`]:
-/// the token panels it keeps for the calling thread grow with `m·k`.
+/// the token panels it keeps for the calling thread grow with `m·k` (up to
+/// [`KEEP_PANELS`]).
 pub(crate) fn matmul_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f")
@@ -86,7 +91,10 @@ pub(crate) fn matmul_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> O
                 // for m rows of n, and columns `rows` of it are written by this part only.
                 unsafe { avx512::weight_rows(w, k, slice, panels, m, out.0, n, rows.start) };
             });
-            kept.replace(buffer);
+            // A prefill's panels are at most 1.5 MB; larger ones are not kept.
+            if buffer.len() <= KEEP_PANELS {
+                kept.replace(buffer);
+            }
         });
         // SAFETY: every output was written: each of the n columns belongs to one part,
         // which writes it for all m rows.
