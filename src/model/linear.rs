@@ -270,6 +270,8 @@ mod tests {
         let value = |i: usize, salt: usize| ((i * 7919 + salt) % 1999) as f32 / 999.5 - 1.0;
         let w: Vec<f32> = (0..n * k).map(|i| value(i, 3)).collect();
         let weight = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+        // R (m, n) · W (n, k) is R · (Wᵀ)ᵀ: the shared f64 check of x · wᵀ with w = Wᵀ.
+        let w_t: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         for m in [3, 64, 300] {
             let x = Var::from_vec(
                 (0..m * k).map(|i| value(i, 11)).collect(),
@@ -291,18 +293,7 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            for i in 0..m {
-                for j in 0..k {
-                    let want: f64 = (0..n)
-                        .map(|c| r[i * n + c] as f64 * w[c * k + j] as f64)
-                        .sum();
-                    let got = dx[i * k + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "m {m} ({i}, {j}): {got} against {want}"
-                    );
-                }
-            }
+            crate::model::gemv::tests::assert_is_the_product(&r, m, n, &w_t, k, &dx);
         }
     }
 }
