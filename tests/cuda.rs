@@ -1,6 +1,7 @@
 //! The routed model on a CUDA GPU against the same model on the CPU: forward and backward,
 //! `Skip` and `Keep`, threshold-p and top-k, skip adapters, a padded batch, and the edge
-//! cases (no token kept, every token kept, a single token); cached decode.
+//! cases (no token kept, every token kept, a single token); cached decode; the prefix-softmax
+//! and fused element-wise kernels against their CPU implementations.
 //!
 //! Compiled always; each test prints why and passes without checking anything where no
 //! CUDA device is present (a build without `--features cuda`, or a machine without a GPU).
@@ -298,4 +299,104 @@ fn prefix_softmax_on_cuda_equals_the_cpu() {
         p.iter().all(|v| v.is_nan()),
         "bf16 row with an infinite score: {p:?}"
     );
+}
+
+/// Runs `op` on `inputs` (CPU f32 tensors, moved to `device` in `dtype`, the first
+/// `trained` of them tracked) and returns its output and the tracked inputs' gradients of
+/// `Σ op ⊙ probe`, on the CPU in f32.
+fn op_and_grads(
+    inputs: &[Tensor],
+    trained: usize,
+    device: &Device,
+    dtype: DType,
+    op: &dyn Fn(&[Tensor]) -> Tensor,
+) -> Vec<Tensor> {
+    let moved: Vec<Tensor> = (inputs.iter())
+        .map(|t| t.to_dtype(dtype).unwrap().to_device(device).unwrap())
+        .collect();
+    let vars: Vec<Var> = (moved[..trained].iter())
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let mut operands: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    operands.extend(moved[trained..].iter().cloned());
+    let out = op(&operands);
+    let probe = Tensor::from_vec(tiny::values(out.elem_count(), 77, 1.0), out.dims(), device)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let grads = (&out * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let host = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let mut results = vec![host(&out)];
+    results.extend(vars.iter().map(|v| host(grads.get(v.as_tensor()).unwrap())));
+    results
+}
+
+/// The fused element-wise kernels (RMSNorm, SwiGLU, RoPE) on the GPU in f32 and bf16
+/// against the CPU's in f32: the output and every trained operand's gradient, on a single
+/// row or token, odd widths, and more rows than a block's warps.
+#[test]
+fn fused_ops_on_cuda_equal_the_cpu() {
+    use modification::model::fused;
+    let Some(gpu) = cuda() else { return };
+    let tensor = |dims: &[usize], seed: u64, scale: f32| {
+        let n = dims.iter().product();
+        Tensor::from_vec(tiny::values(n, seed, scale), dims, &Device::Cpu).unwrap()
+    };
+    let mut cases: Vec<(String, Vec<Tensor>, Box<dyn Fn(&[Tensor]) -> Tensor>)> = Vec::new();
+    for dims in [vec![1, 1, 5], vec![3, 7, 13], vec![2, 300, 40]] {
+        let d = dims[2];
+        cases.push((
+            format!("RMSNorm {dims:?}"),
+            vec![tensor(&dims, 1, 3.0), tensor(&[d], 2, 1.0)],
+            Box::new(|t: &[Tensor]| fused::rms_norm(&t[0], &t[1], 1e-5).unwrap()),
+        ));
+        cases.push((
+            format!("SwiGLU {dims:?}"),
+            vec![tensor(&dims, 3, 8.0), tensor(&dims, 4, 2.0)],
+            Box::new(|t: &[Tensor]| fused::swiglu(&t[0], &t[1]).unwrap()),
+        ));
+    }
+    for (b, h, t, hd) in [(1, 1, 1, 4), (2, 3, 5, 6), (2, 9, 33, 64)] {
+        let angles = tensor(&[b, t, hd / 2], 5, 3.0);
+        cases.push((
+            format!("RoPE {:?}", (b, h, t, hd)),
+            vec![
+                tensor(&[b, h, t, hd], 6, 2.0),
+                angles.cos().unwrap(),
+                angles.sin().unwrap(),
+            ],
+            Box::new(|t: &[Tensor]| fused::rope(&t[0], &t[1], &t[2]).unwrap()),
+        ));
+    }
+    // bf16 has a kernel on the GPU only; the CPU-harness mode checks f32.
+    let dtypes: &[(DType, f32)] = match gpu.is_cpu() {
+        true => &[(DType::F32, 1e-5)],
+        false => &[(DType::F32, 1e-5), (DType::BF16, 2e-2)],
+    };
+    for (name, inputs, op) in &cases {
+        let trained = if name.starts_with("RoPE") { 1 } else { 2 };
+        let want = op_and_grads(inputs, trained, &Device::Cpu, DType::F32, op.as_ref());
+        for &(dtype, tolerance) in dtypes {
+            let got = op_and_grads(inputs, trained, &gpu, dtype, op.as_ref());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let d = rel_diff(g, w);
+                let what = if i == 0 {
+                    "output".to_string()
+                } else {
+                    format!("gradient {}", i - 1)
+                };
+                assert!(d < tolerance, "{name} {dtype:?}: {what} differs by {d}");
+            }
+        }
+    }
 }

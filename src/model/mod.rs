@@ -16,6 +16,8 @@ pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod mlp;
+#[cfg(feature = "cuda")]
+mod nvrtc;
 pub mod ops;
 mod outer_product;
 pub mod prefix_attention;

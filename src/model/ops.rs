@@ -6,7 +6,7 @@
 //! kernels with a backward ([`super::fused`]) for f32 on the CPU, and elsewhere a version
 //! composed of primitive tensor ops, each of which has a backward.
 
-use super::fused::{self, runs_fused};
+use super::fused::{self, has_kernel};
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor, D};
 /// the fused training kernel and [`crate::Error::Candle`] from the other paths.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if x.track_op() || weight.track_op() {
-        if runs_fused(x) {
+        if has_kernel(x) {
             return fused::rms_norm(x, weight, eps);
         }
         Ok(candle_nn::ops::rms_norm_slow(x, weight, eps as f32)?)
@@ -51,14 +51,14 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// SwiGLU's gating, `silu(gate) ⊙ up` with `silu(a) = a · σ(a)` (Shazeer 2020, "GLU
 /// Variants Improve Transformer", FFN_SwiGLU):
-/// one fused pass on f32 CPU tensors (with a backward), candle's composed ops elsewhere.
+/// one fused pass (with a backward) where [`has_kernel`], candle's composed ops elsewhere.
 ///
 /// `gate`, `up`: the same shape and dtype. Returns that shape.
 ///
 /// Errors: [`crate::Error::InvalidArgument`] / [`crate::Error::Candle`] when the shapes
 /// differ.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if runs_fused(gate) {
+    if has_kernel(gate) {
         return fused::swiglu(gate, up);
     }
     Ok((candle_nn::ops::silu(gate)? * up)?)

@@ -242,41 +242,19 @@ impl CustomOp2 for PrefixSoftmaxBackward {
     }
 }
 
-/// The CUDA kernels: one warp per score row, f32 and bf16 (bf16 handled as its bits, so
-/// that NVRTC needs no CUDA header), sums in f32.
+/// The CUDA kernels: one warp per score row, f32 and bf16, sums in f32.
 #[cfg(feature = "cuda")]
 mod gpu {
+    use crate::model::nvrtc::KernelModule;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, LaunchConfig, PushKernelArg,
     };
-    use candle_core::cuda_backend::cudarc::nvrtc;
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType};
     use std::ops::Range;
-    use std::sync::OnceLock;
 
     const SOURCE: &str = r#"
-typedef unsigned short bf16;
-__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float load(const bf16* p, long long i) {
-    return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(bf16* p, long long i, float v) {
-    unsigned int b = __float_as_uint(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16)((b >> 16) | 0x40u); return; }  // NaN stays NaN
-    p[i] = (bf16)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);  // round to nearest even
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 template <typename T>
 __device__ void forward(const T* s, const unsigned int* counts, T* p, long long rows, int tk,
                         int t, long long rows_per_batch, float scale) {
@@ -324,20 +302,6 @@ extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp
     /// Rows (warps) per block.
     const ROWS_PER_BLOCK: u32 = 4;
 
-    /// The PTX of [`SOURCE`], compiled once per process.
-    fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        let ptx = PTX.get_or_init(|| {
-            nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("{e:?}"))
-        });
-        match ptx {
-            Ok(src) => Ok(src.as_str()),
-            Err(e) => candle_core::bail!("prefix softmax: NVRTC failed: {e}"),
-        }
-    }
-
     /// The kernels index columns with `int` and launch a block per 4 rows.
     fn check_sizes(rows: usize, tk: usize) -> candle_core::Result<()> {
         let blocks = rows.div_ceil(ROWS_PER_BLOCK as usize);
@@ -357,8 +321,7 @@ extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp
         }
     }
 
-    /// The module name the kernels are loaded under on a device.
-    const MODULE: &str = "modification_prefix_softmax";
+    static KERNELS: KernelModule = KernelModule::new("modification_prefix_softmax", SOURCE);
 
     pub(super) struct Args {
         pub rows: usize,
@@ -387,8 +350,9 @@ extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp
                 let src = s.as_cuda_slice::<$ty>()?.slice(range);
                 // SAFETY: every element is written by the kernel.
                 let dst: CudaSlice<$ty> = unsafe { dev.alloc::<$ty>(a.rows * a.tk)? };
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
-                let mut b = func.builder();
+                let func = KERNELS.function(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&func);
                 b.arg(&src)
                     .arg(counts)
                     .arg(&dst)
@@ -429,8 +393,9 @@ extern "C" __global__ void prefix_softmax_bwd_bf16(const bf16* p, const bf16* dp
                 );
                 // SAFETY: every element is written by the kernel.
                 let dst: CudaSlice<$ty> = unsafe { dev.alloc::<$ty>(rows * tk)? };
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
-                let mut b = func.builder();
+                let func = KERNELS.function(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&func);
                 b.arg(&p)
                     .arg(&dp)
                     .arg(&dst)

@@ -81,8 +81,8 @@ impl RotaryEmbedding {
 impl RopeAt {
     /// Rotates `x` (`(B, H, T, head_dim)`): `x · cos + rotate_half(x) · sin`. Inference
     /// (no gradient tracked) runs candle's fused kernel, one pass; training runs our fused
-    /// kernel with a backward on f32 CPU tensors ([`super::fused::rope`]) and the
-    /// differentiable composition of the same formula elsewhere.
+    /// kernel with a backward where [`super::fused::has_kernel`] ([`super::fused::rope`])
+    /// and the differentiable composition of the same formula elsewhere.
     ///
     /// Errors: when `x`'s batch, length or width differ from the tables',
     /// [`Error::InvalidArgument`] from the fused training kernel and [`Error::Candle`]
@@ -95,7 +95,7 @@ impl RopeAt {
                 &self.sin,
             )?);
         }
-        if super::fused::runs_fused(x) {
+        if super::fused::has_kernel(x) {
             return super::fused::rope(x, &self.cos, &self.sin);
         }
         let d = x.dim(D::Minus1)?;
