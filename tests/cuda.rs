@@ -341,9 +341,10 @@ fn op_and_grads(
     results
 }
 
-/// The fused element-wise kernels (RMSNorm, SwiGLU, RoPE) on the GPU in f32 and bf16
-/// against the CPU's in f32: the output and every trained operand's gradient, on a single
-/// row or token, odd widths, and more rows than a block's warps.
+/// The fused element-wise kernels (RMSNorm, SwiGLU, RoPE) and the training attention on
+/// the GPU in f32 and bf16 against the CPU's in f32: the output and every trained
+/// operand's gradient, on a single row or token, odd widths, and more rows than a block's
+/// warps.
 #[test]
 fn fused_ops_on_cuda_equal_the_cpu() {
     use modification::model::fused;
@@ -378,13 +379,31 @@ fn fused_ops_on_cuda_equal_the_cpu() {
             Box::new(|t: &[Tensor]| fused::rope(&t[0], &t[1], &t[2]).unwrap()),
         ));
     }
+    // The training attention: 2 rows, 3 KV heads of 2 query heads, 37 queries over 70
+    // keys, counts from 0 (a padding slot) to every key.
+    let (b, n_kv, g, t, tk, hd) = (2, 3, 2, 37, 70, 16);
+    let visible: Vec<usize> = (0..b * t).map(|i| (i * 7) % (tk + 1)).collect();
+    cases.push((
+        "recomputed attention".to_string(),
+        vec![
+            tensor(&[b, n_kv, g * t, hd], 7, 1.0),
+            tensor(&[b, n_kv, tk, hd], 8, 1.0),
+            tensor(&[b, n_kv, tk, hd], 9, 1.0),
+        ],
+        Box::new(move |x: &[Tensor]| {
+            modification::model::recomputed_attention::recomputed_prefix_attention(
+                &x[0], &x[1], &x[2], &visible, 0.25,
+            )
+            .unwrap()
+        }),
+    ));
     // bf16 has a kernel on the GPU only; the CPU-harness mode checks f32.
     let dtypes: &[(DType, f32)] = match gpu.is_cpu() {
         true => &[(DType::F32, 1e-5)],
         false => &[(DType::F32, 1e-5), (DType::BF16, 2e-2)],
     };
     for (name, inputs, op) in &cases {
-        let trained = if name.starts_with("RoPE") { 1 } else { 2 };
+        let trained = inputs.len() - usize::from(name.starts_with("RoPE")) * 2;
         let want = op_and_grads(inputs, trained, &Device::Cpu, DType::F32, op.as_ref());
         for &(dtype, tolerance) in dtypes {
             let got = op_and_grads(inputs, trained, &gpu, dtype, op.as_ref());

@@ -146,3 +146,120 @@ fn empty_scores_give_empty_probabilities() -> anyhow::Result<()> {
     assert_eq!(p.dims(), &[B, H, G * T, 0]);
     Ok(())
 }
+
+/// `softmax(scale · q·Kᵀ + mask)·V` composed from candle's ops, the prefix counts as an
+/// additive mask (a padding slot's row masked entirely, then zeroed).
+fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, counts: &[usize]) -> Tensor {
+    let (b, n_kv, gq, _) = q.dims4().unwrap();
+    let tk = k.dim(2).unwrap();
+    let t = counts.len() / b;
+    let mut mask = Vec::with_capacity(b * n_kv * gq * tk);
+    let mut seen = Vec::with_capacity(b * n_kv * gq);
+    for row in 0..b * n_kv * gq {
+        let n = counts[(row / (n_kv * gq)) * t + row % t];
+        mask.extend((0..tk).map(|j| if j < n { 0.0 } else { -1e9 }));
+        seen.push(if n > 0 { 1.0 } else { 0.0 });
+    }
+    let mask = Tensor::from_vec(mask, (b, n_kv, gq, tk), &Device::Cpu).unwrap();
+    let seen = Tensor::from_vec(seen, (b, n_kv, gq, 1), &Device::Cpu).unwrap();
+    let scores = ((q.matmul(&k.t().unwrap()).unwrap() * SCALE as f64).unwrap() + mask).unwrap();
+    let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+    p.broadcast_mul(&seen).unwrap().matmul(v).unwrap()
+}
+
+/// The GPU's training attention, checked on the CPU (f64) against the composed masked
+/// attention: output and the gradients of q, K and V, with query groups, a padding slot
+/// and keys of another row length than the queries.
+#[test]
+fn recomputed_attention_equals_the_composed_attention() -> anyhow::Result<()> {
+    use modification::model::recomputed_attention::recomputed_prefix_attention;
+    let (n_kv, hd) = (H, 4);
+    let tensor = |dims: (usize, usize, usize, usize), seed| -> anyhow::Result<Var> {
+        let n = dims.0 * dims.1 * dims.2 * dims.3;
+        let v: Vec<f64> = tiny::values(n, seed, 1.5)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Ok(Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu)?)?)
+    };
+    let run = |fused: bool| -> anyhow::Result<Vec<Vec<f64>>> {
+        let q = tensor((B, n_kv, G * T, hd), 11)?;
+        let k = tensor((B, n_kv, TK, hd), 12)?;
+        let v = tensor((B, n_kv, TK, hd), 13)?;
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let out = match fused {
+            true => recomputed_prefix_attention(qt, kt, vt, &counts(), SCALE)?,
+            false => composed_attention(qt, kt, vt, &counts()),
+        };
+        let probe: Vec<f64> = (tiny::values(out.elem_count(), 14, 1.0).into_iter())
+            .map(f64::from)
+            .collect();
+        let probe = Tensor::from_vec(probe, out.dims(), &Device::Cpu)?;
+        let grads = (&out * &probe)?.sum_all()?.backward()?;
+        let mut values = vec![out.flatten_all()?.to_vec1()?];
+        for var in [&q, &k, &v] {
+            let g = grads.get(var.as_tensor()).expect("a gradient");
+            values.push(g.flatten_all()?.to_vec1()?);
+        }
+        Ok(values)
+    };
+    let (got, want) = (run(true)?, run(false)?);
+    for (what, (g, w)) in ["output", "dq", "dk", "dv"]
+        .iter()
+        .zip(got.iter().zip(&want))
+    {
+        let diff = (g.iter().zip(w))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(scale > 0.1, "{what}: the reference is all but zero");
+        assert!(
+            diff < 1e-12 * scale.max(1.0),
+            "{what}: largest difference {diff}"
+        );
+    }
+    // A padding slot (query 4 of row 0) gets a zero output.
+    let out = &got[0];
+    for h in 0..n_kv * G {
+        let slot = h * T + 4;
+        assert!(
+            out[slot * hd..][..hd].iter().all(|&x| x == 0.0),
+            "padding slot {slot}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn recomputed_attention_rejects_misfit_inputs() -> anyhow::Result<()> {
+    use modification::model::recomputed_attention::recomputed_prefix_attention;
+    let q = Tensor::zeros((B, H, G * T, 4), DType::F32, &Device::Cpu)?;
+    let k = Tensor::zeros((B, H, TK, 4), DType::F32, &Device::Cpu)?;
+    let short = Tensor::zeros((B, H, TK - 1, 4), DType::F32, &Device::Cpu)?;
+    let mut too_many = counts();
+    too_many[0] = TK + 1;
+    for (what, result) in [
+        (
+            "K and V of different lengths",
+            recomputed_prefix_attention(&q, &k, &short, &counts(), SCALE),
+        ),
+        (
+            "a count above the keys",
+            recomputed_prefix_attention(&q, &k, &k, &too_many, SCALE),
+        ),
+        (
+            "a count missing",
+            recomputed_prefix_attention(&q, &k, &k, &counts()[1..], SCALE),
+        ),
+        (
+            "a zero scale",
+            recomputed_prefix_attention(&q, &k, &k, &counts(), 0.0),
+        ),
+    ] {
+        assert!(
+            matches!(result, Err(Error::InvalidArgument(_))),
+            "{what}: {result:?}"
+        );
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@ use super::linear::Projection;
 use super::ops::softmax_last_dim;
 use super::prefix_attention::prefix_attention;
 use super::prefix_softmax::{self, prefix_softmax};
+use super::recomputed_attention::recomputed_prefix_attention;
 use super::rope::RopeAt;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -113,7 +114,8 @@ impl Attention {
     /// one batched product per KV head serves the whole group. [`Visible::Prefix`] on f32
     /// CPU tensors runs the fused kernel of
     /// [`prefix_attention`] (with a backward), and on f32 or bf16 GPU tensors the score
-    /// products around the [`prefix_softmax()`] kernel;
+    /// products around the [`prefix_softmax()`] kernel (in training, as one node whose
+    /// backward recomputes the scores: [`recomputed_prefix_attention`]);
     /// everything else runs candle's composed ops (scores, additive mask, softmax,
     /// product with V).
     ///
@@ -143,10 +145,15 @@ impl Attention {
         let fused = runs_fused(&q);
         let out = match visible {
             Visible::Prefix(counts) if fused => prefix_attention(&q, k, v, counts, scale as f32)?,
-            // A GPU: the scores, then one kernel for scale, prefix and softmax (no mask).
+            // A GPU: the scores, then one kernel for scale, prefix and softmax (no mask);
+            // in training, as one node whose backward recomputes them.
             Visible::Prefix(counts) if prefix_softmax::runs_on_gpu(&q) => {
-                let scores = q.matmul(&k.t()?)?;
-                prefix_softmax(&scores, counts, t, scale as f32)?.matmul(v)?
+                if q.track_op() || k.track_op() || v.track_op() {
+                    recomputed_prefix_attention(&q, k, v, counts, scale as f32)?
+                } else {
+                    let scores = q.matmul(&k.t()?)?;
+                    prefix_softmax(&scores, counts, t, scale as f32)?.matmul(v)?
+                }
             }
             visible => {
                 let mut scores = (q.matmul(&k.t()?)? * scale)?;

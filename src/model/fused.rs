@@ -1,6 +1,6 @@
 //! Fused kernels, each with a backward, for the element-wise parts of a LLaMA layer:
 //! RMSNorm, SwiGLU and RoPE, on the CPU (f32, f64) and, with the `cuda` feature, on a
-//! CUDA GPU (f32, bf16; compiled with NVRTC at first use, see [`super::nvrtc`]).
+//! CUDA GPU (f32, bf16; compiled with NVRTC at first use, see `model/nvrtc.rs`).
 //!
 //! With gradients tracked, candle 0.11 composes these from primitive ops: an RMSNorm is
 //! six passes over its input forward and about twice as many backward, each into a fresh

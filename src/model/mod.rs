@@ -23,6 +23,7 @@ mod outer_product;
 pub mod prefix_attention;
 pub mod prefix_softmax;
 mod qgemv;
+pub mod recomputed_attention;
 pub mod rope;
 pub mod token_losses;
 mod vector_math;

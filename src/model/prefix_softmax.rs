@@ -57,16 +57,12 @@ pub fn prefix_softmax(scores: &Tensor, counts: &[usize], t: usize, scale: f32) -
     }
     let counts: Vec<u32> = counts.iter().map(|&n| n as u32).collect();
     let counts = Tensor::from_vec(counts, b * t, scores.device())?;
-    let op = PrefixSoftmax {
-        t,
-        rows_per_batch: heads * group_rows,
-        scale,
-    };
+    let op = PrefixSoftmax::new(t, heads * group_rows, scale);
     Ok(scores.contiguous()?.apply_op2(&counts, op)?)
 }
 
 /// The forward op: `(scores, counts) -> probabilities`, with a backward for the scores.
-struct PrefixSoftmax {
+pub(super) struct PrefixSoftmax {
     /// Queries per batch row.
     t: usize,
     /// Score rows per batch row, `H·G·T`.
@@ -75,6 +71,16 @@ struct PrefixSoftmax {
 }
 
 impl PrefixSoftmax {
+    /// Scores of `rows_per_batch` rows a batch row (`H·G·T`), `t` queries a batch row
+    /// (each count serves the `H·G` rows of its query), scaled by `scale` inside.
+    pub(super) fn new(t: usize, rows_per_batch: usize, scale: f32) -> Self {
+        Self {
+            t,
+            rows_per_batch,
+            scale,
+        }
+    }
+
     /// The visible-key count of score row `row`.
     fn count(&self, counts: &[u32], row: usize) -> usize {
         counts[(row / self.rows_per_batch) * self.t + row % self.t] as usize
@@ -82,8 +88,8 @@ impl PrefixSoftmax {
 }
 
 /// The backward op: `(P, dP) -> dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`.
-struct PrefixSoftmaxBackward {
-    scale: f32,
+pub(super) struct PrefixSoftmaxBackward {
+    pub(super) scale: f32,
 }
 
 /// `(rows, Tk)` of a contiguous tensor's layout, and its offsets.
