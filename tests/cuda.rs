@@ -419,3 +419,38 @@ fn fused_ops_on_cuda_equal_the_cpu() {
         }
     }
 }
+
+/// The training attention's backward on the GPU takes the broadcast (zero-stride) gradient
+/// of a plain sum, and gives the CPU's gradients.
+#[test]
+fn recomputed_attention_takes_a_broadcast_gradient() {
+    use modification::model::recomputed_attention::recomputed_prefix_attention;
+    let Some(gpu) = cuda() else { return };
+    let (b, n_kv, t, hd) = (1, 2, 5, 8);
+    let visible: Vec<usize> = (1..=t).collect();
+    let grads_on = |device: &Device| -> Vec<Tensor> {
+        let var = |seed| {
+            let values = tiny::values(b * n_kv * t * hd, seed, 1.0);
+            Var::from_tensor(&Tensor::from_vec(values, (b, n_kv, t, hd), device).unwrap()).unwrap()
+        };
+        let (q, k, v) = (var(21), var(22), var(23));
+        let out =
+            recomputed_prefix_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &visible, 0.3)
+                .unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        [q, k, v]
+            .iter()
+            .map(|x| {
+                grads
+                    .get(x.as_tensor())
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+            })
+            .collect()
+    };
+    for (g, c) in grads_on(&gpu).iter().zip(&grads_on(&Device::Cpu)) {
+        let d = rel_diff(g, c);
+        assert!(d < 1e-5, "gradients differ by {d}");
+    }
+}

@@ -263,3 +263,15 @@ fn recomputed_attention_rejects_misfit_inputs() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// No key (or no query): zeros of the queries' shape, not a panic.
+#[test]
+fn recomputed_attention_without_keys_is_zero() -> anyhow::Result<()> {
+    use modification::model::recomputed_attention::recomputed_prefix_attention;
+    let q = Tensor::ones((B, H, G * T, 4), DType::F32, &Device::Cpu)?;
+    let none = Tensor::zeros((B, H, 0, 4), DType::F32, &Device::Cpu)?;
+    let out = recomputed_prefix_attention(&q, &none, &none, &[0; B * T], SCALE)?;
+    assert_eq!(out.dims(), q.dims());
+    assert_eq!(out.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    Ok(())
+}

@@ -101,4 +101,4 @@ def activation_step():
 
 
 row("train activation-grad tok/s", batch.numel() / median_time(activation_step))
-row("peak GPU memory allocated GB", torch.cuda.max_memory_allocated() / 2**30, 2)
+row("peak GPU memory allocated GiB", torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -302,7 +302,8 @@ impl CustomOp2 for RmsNorm {
         let (x, w, g) = (x.detach(), w.detach(), g.detach().contiguous()?);
         let dx = x.apply_op3_no_bwd(&w, &g, &RmsNormGrad { eps: self.eps })?;
         let dw = if weight_trains {
-            // bf16 is summed in f32: a bf16 sum over thousands of rows drifts.
+            // Half-precision gradients (bf16 on a GPU) are summed in f32: a bf16 sum over
+            // thousands of rows drifts.
             let normed = x.apply_op2_no_bwd(&w.ones_like()?, self)?;
             let wide = |t: &Tensor| match t.dtype() {
                 DType::BF16 | DType::F16 => t.to_dtype(DType::F32),

@@ -29,7 +29,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 /// - `scale`: `1/√hd` for LLaMA.
 ///
 /// One dtype for all three: f32 or bf16 on a CUDA GPU; f32, f64 or bf16 on the CPU.
-/// Returns `(B, n_kv, G·Tq, hd)`.
+/// Returns `(B, n_kv, G·Tq, hd)` (zeros without queries or keys).
 ///
 /// Errors: [`Error::InvalidArgument`] for mismatched shapes, a count above `Tk`, `G·Tq`
 /// not a multiple of `Tq`, or a scale that is not positive and finite;
@@ -43,6 +43,10 @@ pub fn recomputed_prefix_attention(
 ) -> Result<Tensor> {
     let (b, n_kv, gq, hd) = q.dims4()?;
     let (kb, k_heads, tk, k_hd) = k.dims4()?;
+    if k.dims() == v.dims() && (kb, k_heads, k_hd) == (b, n_kv, hd) && q.elem_count() * tk == 0 {
+        // No query or no key: every output is 0 (as a prefix of no key gives).
+        return Ok(q.zeros_like()?);
+    }
     let tq = visible.len() / b.max(1);
     let fits = k.dims() == v.dims()
         && (kb, k_heads, k_hd) == (b, n_kv, hd)
@@ -159,10 +163,15 @@ impl CustomOp3 for RecomputedAttention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let scores = q.matmul(&k.t()?)?;
+        // A GPU's products take no broadcast (zero-stride) operand: the incoming gradient
+        // may be one.
+        let grad = grad.detach().contiguous()?;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let counts = Tensor::new(self.visible.as_slice(), q.device())?;
-        let p = scores.apply_op2_no_bwd(&counts, &self.softmax(scores.dims()))?;
+        let p = {
+            let scores = q.matmul(&k.t()?)?;
+            scores.apply_op2_no_bwd(&counts, &self.softmax(scores.dims()))?
+        };
         let dv = p.t()?.matmul(&grad)?;
         let dp = grad.matmul(&v.t()?)?;
         let backward = PrefixSoftmaxBackward { scale: self.scale };
