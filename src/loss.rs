@@ -96,16 +96,20 @@ impl ObjectiveTerms {
     }
 }
 
-/// Tokens per vocabulary chunk. On the CPU, logits of one chunk stay under 24 MiB of f32,
-/// small enough for the allocator to reuse (a `(B, T, vocab)` tensor is mapped fresh from
-/// the OS, page by page, every time; on a 49 k vocabulary that was a third of a training
-/// step). A GPU pays a kernel launch per op and chunk instead (128-token chunks made a
-/// 16 × 1024-token step 128 chunks of several dozen launches): its chunks hold up to 2²⁸
-/// logits (1 GiB of f32; with a teacher and candle's composed losses, several such
+/// Tokens per vocabulary chunk. On the CPU, logits of one chunk stay under 64 MiB of f32
+/// (341 tokens of a 49 k vocabulary): a whole `(B, T, vocab)` tensor, mapped fresh from the
+/// OS page by page, was a third of a training step when the losses were composed ops, and
+/// each chunk costs a product with the whole `lm_head`, whose weight gradient (113 MB for
+/// SmolLM2's tied embedding) candle allocates and adds into the running sum once per chunk.
+/// Against 24 MiB chunks (128 tokens), measured alternating in session 11 (`bench_train`,
+/// 4 × 256): full-parameter 146-152 → 176 tok/s, router-only 261-268 → 285, at 0.02-0.1 GB
+/// more peak memory. A GPU pays a kernel launch per op and chunk instead (128-token chunks
+/// made a 16 × 1024-token step 128 chunks of several dozen launches): its chunks hold up to
+/// 2²⁸ logits (1 GiB of f32; with a teacher and candle's composed losses, several such
 /// tensors live until the backward, a few GiB).
 fn chunk_tokens(vocab: usize, device: &candle_core::Device) -> usize {
     let budget = match device {
-        candle_core::Device::Cpu => (24 << 20) / 4,
+        candle_core::Device::Cpu => (64 << 20) / 4,
         _ => 1 << 28,
     };
     (budget / vocab.max(1)).max(1)
