@@ -102,11 +102,11 @@ impl ObjectiveTerms {
 /// each chunk costs a product with the whole `lm_head`, whose weight gradient (113 MB for
 /// SmolLM2's tied embedding) candle allocates and adds into the running sum once per chunk.
 /// Against 24 MiB chunks (128 tokens), measured alternating in session 11 (`bench_train`,
-/// 4 × 256): full-parameter 146-152 → 176 tok/s, router-only 261-268 → 285, at 0.02-0.1 GB
-/// more peak memory. A GPU pays a kernel launch per op and chunk instead (128-token chunks
-/// made a 16 × 1024-token step 128 chunks of several dozen launches): its chunks hold up to
-/// 2²⁸ logits (1 GiB of f32; with a teacher and candle's composed losses, several such
-/// tensors live until the backward, a few GiB).
+/// 4 × 256): full-parameter 146-154 → 173-178 tok/s, router-only 261-268 → 282-285, at
+/// 0.02-0.1 GB more peak memory. A GPU pays a kernel launch per op and chunk instead
+/// (128-token chunks made a 16 × 1024-token step 128 chunks of several dozen launches):
+/// its chunks hold up to 2²⁸ logits (1 GiB of f32; with a teacher and candle's composed
+/// losses, several such tensors live until the backward, a few GiB).
 fn chunk_tokens(vocab: usize, device: &candle_core::Device) -> usize {
     let budget = match device {
         candle_core::Device::Cpu => (64 << 20) / 4,

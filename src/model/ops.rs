@@ -2,9 +2,9 @@
 //!
 //! candle 0.11's fused `rms_norm` and `softmax_last_dim` record no backward pass, so a
 //! model trained through them silently gets no gradient. Each function here uses candle's
-//! fused kernel when no operand tracks gradients (inference); in training, our fused CPU
-//! kernels with a backward ([`super::fused`]) for f32 on the CPU, and elsewhere a version
-//! composed of primitive tensor ops, each of which has a backward.
+//! fused kernel when no operand tracks gradients (inference); in training, our fused
+//! kernels with a backward ([`super::fused`]: f32 on the CPU, f32 and bf16 on a CUDA GPU),
+//! and elsewhere a version composed of primitive tensor ops, each of which has a backward.
 
 use super::fused::{self, has_kernel};
 use crate::error::Result;
