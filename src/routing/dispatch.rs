@@ -25,6 +25,11 @@ struct SlotIndex {
     flat: Tensor,
     /// `valid` as a `(B, K, 1)` float mask in the model dtype.
     valid_f: Tensor,
+    /// On a GPU, for every token `b * T + t`, `(B * T,)` u32: its slot `b * K + s` if it
+    /// is kept, else `B * K`, a zero row appended to the update. The scatter then runs as
+    /// a gather: candle's CUDA `index_add` runs one thread per column, serially over the
+    /// slots, where `index_select` is parallel over every element.
+    token_slots: Option<Tensor>,
 }
 
 impl Dispatch {
@@ -34,6 +39,16 @@ impl Dispatch {
     ///
     /// Errors: [`crate::Error::Candle`] when the index tensors cannot be built.
     pub fn new(sel: &Selection, device: &Device, dtype: DType) -> Result<Option<Self>> {
+        Self::build(sel, device, dtype, device.is_cuda())
+    }
+
+    /// [`Dispatch::new`], scattering by a gather where `scatter_by_gather`.
+    fn build(
+        sel: &Selection,
+        device: &Device,
+        dtype: DType,
+        scatter_by_gather: bool,
+    ) -> Result<Option<Self>> {
         let (b, k, t) = (sel.kept().len(), sel.max_kept(), sel.seq_len());
         if k == 0 {
             return Ok(None);
@@ -57,10 +72,23 @@ impl Dispatch {
             }
         }
         let valid = Tensor::from_vec(valid, (b, k), device)?;
+        let token_slots = match scatter_by_gather {
+            true => {
+                let mut slots = vec![(b * k) as u32; b * t];
+                for (row, kept) in sel.kept().iter().enumerate() {
+                    for (slot, &p) in kept.iter().enumerate() {
+                        slots[row * t + p as usize] = (row * k + slot) as u32;
+                    }
+                }
+                Some(Tensor::from_vec(slots, b * t, device)?)
+            }
+            false => None,
+        };
         Ok(Some(Self {
             index: Some(SlotIndex {
                 flat: Tensor::from_vec(flat, b * k, device)?,
                 valid_f: valid.to_dtype(dtype)?.unsqueeze(2)?,
+                token_slots,
             }),
             valid,
             batch: b,
@@ -104,12 +132,19 @@ impl Dispatch {
     /// `x + scatter(update)`: adds `update` `(B, K, d)` of the kept tokens into `x`
     /// `(B, T, d)` at their positions, exactly once; padding slots add nothing and skipped
     /// tokens are untouched. Uses `index_add`, whose gradient is right for both operands
-    /// (candle 0.11's `scatter_add` gets the base's gradient wrong).
+    /// (candle 0.11's `scatter_add` gets the base's gradient wrong); on a GPU, a gather of
+    /// every token's update row (a zero row for a skipped token) and one add.
     pub fn add_back(&self, x: &Tensor, update: &Tensor) -> Result<Tensor> {
         let Some(index) = &self.index else {
             return Ok((x + update)?);
         };
         let d = x.dim(2)?;
+        if let Some(slots) = &index.token_slots {
+            let zero = Tensor::zeros((1, d), update.dtype(), update.device())?;
+            let rows = Tensor::cat(&[&update.reshape((self.batch * self.width, d))?, &zero], 0)?;
+            let per_token = rows.index_select(slots, 0)?;
+            return Ok((x + per_token.reshape((self.batch, self.seq_len, d))?)?);
+        }
         let update = update.broadcast_mul(&index.valid_f)?;
         Ok(x.reshape((self.batch * self.seq_len, d))?
             .index_add(
@@ -118,5 +153,42 @@ impl Dispatch {
                 0,
             )?
             .reshape((self.batch, self.seq_len, d))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scatter as a gather (a GPU's) equals the `index_add` one, values and gradients
+    /// of both operands, with rows of different kept counts and padding slots.
+    #[test]
+    fn scatter_by_gather_equals_index_add() -> Result<()> {
+        let (t, d) = (6, 3);
+        let sel = Selection::new(vec![vec![0, 2, 5], vec![4], vec![]], t)?;
+        let x0: Vec<f32> = (0..3 * t * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let u0: Vec<f32> = (0..3 * 3 * d).map(|i| (i as f32 * 0.71).cos()).collect();
+        let run = |by_gather: bool| -> Result<Vec<Vec<f32>>> {
+            let dev = Device::Cpu;
+            let dispatch = Dispatch::build(&sel, &dev, DType::F32, by_gather)?.expect("kept");
+            let x = candle_core::Var::from_vec(x0.clone(), (3, t, d), &dev)?;
+            let u = candle_core::Var::from_vec(u0.clone(), (3, 3, d), &dev)?;
+            let y = dispatch.add_back(x.as_tensor(), u.as_tensor())?;
+            let probe = Tensor::arange(0f32, (3 * t * d) as f32, &dev)?.reshape((3, t, d))?;
+            let grads = (&y * &probe)?.sum_all()?.backward()?;
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            Ok(vec![
+                flat(&y)?,
+                flat(grads.get(x.as_tensor()).expect("dx"))?,
+                flat(grads.get(u.as_tensor()).expect("du"))?,
+            ])
+        };
+        let (by_gather, by_index_add) = (run(true)?, run(false)?);
+        assert_eq!(by_gather, by_index_add);
+        // Padding slots (row 1's slots 1 and 2, all of row 2's) get no gradient.
+        assert!(by_gather[2][(3 + 1) * d..(3 + 3) * d]
+            .iter()
+            .all(|&g| g == 0.0));
+        Ok(())
     }
 }
