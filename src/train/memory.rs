@@ -45,15 +45,16 @@ const COMPOSED: ActivationModel = ActivationModel {
 
 /// The fused f32 CPU kernels: no `(T, T)` tensor and no whole logits tensor is kept.
 /// Fitted, with [`ALLOCATOR_SLACK`] applied, as an upper bound of the peak resident memory
-/// of whole `convert --steps 1` runs on SmolLM2-135M (4 × 256 tokens, `/usr/bin/time`,
-/// 2026-11-30): the paper's recipe (odd layers, `Skip`, router-only LM) 3.79 GB, router-only
-/// LM on every layer with `Keep` 2.93 GB (both planned 3.81: `layer`), full-parameter + KL
-/// 5.39 GB (planned 5.96), LoRA + KL 5.07 GB (planned 5.13: `lora`). A training step alone
-/// peaks lower (`bench_train`: 2.28 GB router-only LM, 4.34 GB LoRA + KL); evaluation,
-/// calibration and the allocator's retention make the rest.
+/// of whole `convert --steps 1` runs on SmolLM2-135M (4 × 256 tokens, `/usr/bin/time`'s
+/// KiB × 1024, 2026-12-01, with the loss's 64 MiB chunks): the paper's recipe (odd
+/// layers, `Skip`, router-only LM) 3.88 GB, router-only LM on every layer with `Keep`
+/// 3.42 GB (both planned 3.90: `layer`), full-parameter + KL 5.41 GB (planned 6.05), LoRA
+/// + KL 5.62 GB (planned 5.75: `lora`; the whole 80-step default conversion peaked at
+/// 5.70). A training step alone peaks lower (`bench_train`: 2.40 GB router-only LM);
+/// evaluation, calibration and the allocator's retention make the rest.
 const FUSED: ActivationModel = ActivationModel {
-    layer: 8.15,
-    lora: 3.4,
+    layer: 8.4,
+    lora: 4.8,
     attention: 0.0,
     logits: 0.0,
     teacher_logits: 0.0,
