@@ -47,6 +47,35 @@ pub fn prefix_attention(
     visible: &[usize],
     scale: f32,
 ) -> Result<Tensor> {
+    let Some(tq) = queries_per_row(q, k, v, visible)? else {
+        return Err(Error::InvalidArgument(format!(
+            "prefix attention: queries {:?}, keys {:?}, values {:?} and {} visible counts \
+             do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            visible.len()
+        )));
+    };
+    let op = PrefixAttention {
+        visible: visible.to_vec(),
+        tq,
+        scale,
+    };
+    Ok(q.contiguous()?.apply_op3(k, v, op)?)
+}
+
+/// `Tq`, the queries per batch row, when `q` `(B, n_kv, G·Tq, hd)`, `k` and `v`
+/// `(B, n_kv, Tk, hd)` and the `B·Tq` `visible` counts (each at most `Tk`) fit together as
+/// [`prefix_attention`] takes them; `None` when they do not.
+///
+/// Errors: [`Error::Candle`] when a tensor is not 4-D.
+pub(super) fn queries_per_row(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visible: &[usize],
+) -> Result<Option<usize>> {
     let (b, n_kv, gq, hd) = q.dims4()?;
     let (kb, k_heads, tk, k_hd) = k.dims4()?;
     let tq = visible.len() / b.max(1);
@@ -56,22 +85,7 @@ pub fn prefix_attention(
         && visible.len() == b * tq
         && gq % tq == 0
         && visible.iter().all(|&n| n <= tk);
-    if !fits {
-        return Err(Error::InvalidArgument(format!(
-            "prefix attention: queries {:?}, keys {:?}, values {:?} and {} visible counts \
-             do not fit together",
-            q.dims(),
-            k.dims(),
-            v.dims(),
-            visible.len()
-        )));
-    }
-    let op = PrefixAttention {
-        visible: visible.to_vec(),
-        tq,
-        scale,
-    };
-    Ok(q.contiguous()?.apply_op3(k, v, op)?)
+    Ok(fits.then_some(tq))
 }
 
 struct PrefixAttention {

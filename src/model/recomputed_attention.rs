@@ -13,6 +13,7 @@
 //! kernel. On the CPU, where the fused [`prefix_attention`](super::prefix_attention)
 //! runs instead, this op is the tests' way to check the same code.
 
+use super::prefix_attention::queries_per_row;
 use super::prefix_softmax::{PrefixSoftmax, PrefixSoftmaxBackward};
 use crate::error::{Error, Result};
 use candle_core::backend::BackendStorage;
@@ -41,22 +42,14 @@ pub fn recomputed_prefix_attention(
     visible: &[usize],
     scale: f32,
 ) -> Result<Tensor> {
-    let (b, n_kv, gq, hd) = q.dims4()?;
+    let (b, n_kv, _, hd) = q.dims4()?;
     let (kb, k_heads, tk, k_hd) = k.dims4()?;
     if k.dims() == v.dims() && (kb, k_heads, k_hd) == (b, n_kv, hd) && q.elem_count() * tk == 0 {
         // No query or no key: every output is 0 (as a prefix of no key gives).
         return Ok(q.zeros_like()?);
     }
-    let tq = visible.len() / b.max(1);
-    let fits = k.dims() == v.dims()
-        && (kb, k_heads, k_hd) == (b, n_kv, hd)
-        && tq > 0
-        && visible.len() == b * tq
-        && gq % tq == 0
-        && visible.iter().all(|&n| n <= tk)
-        && scale > 0.0
-        && scale.is_finite();
-    if !fits {
+    let tq = queries_per_row(q, k, v, visible)?.filter(|_| scale > 0.0 && scale.is_finite());
+    let Some(tq) = tq else {
         return Err(Error::InvalidArgument(format!(
             "recomputed attention: q {:?}, k {:?}, v {:?}, {} visible counts, scale {scale}",
             q.dims(),
@@ -64,7 +57,7 @@ pub fn recomputed_prefix_attention(
             v.dims(),
             visible.len()
         )));
-    }
+    };
     let op = RecomputedAttention {
         visible: visible.iter().map(|&n| n as u32).collect(),
         tq,
