@@ -353,7 +353,9 @@ fn fused_ops_on_cuda_equal_the_cpu() {
         let n = dims.iter().product();
         Tensor::from_vec(tiny::values(n, seed, scale), dims, &Device::Cpu).unwrap()
     };
-    let mut cases: Vec<(String, Vec<Tensor>, Box<dyn Fn(&[Tensor]) -> Tensor>)> = Vec::new();
+    // A case: its name, its inputs, and the op on them.
+    type Case = (String, Vec<Tensor>, Box<dyn Fn(&[Tensor]) -> Tensor>);
+    let mut cases: Vec<Case> = Vec::new();
     for dims in [vec![1, 1, 5], vec![3, 7, 13], vec![2, 300, 40]] {
         let d = dims[2];
         cases.push((

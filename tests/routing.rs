@@ -198,11 +198,11 @@ fn routed_layer_equals_dense_layer_without_skipped_tokens_at_original_positions(
         let rope = base.rope().at(batch.positions(), DType::F32).unwrap();
         let delta = base.layers()[1].delta(&h0, &rope, &mask).unwrap();
         let mut rows = Vec::new();
-        for i in 0..t {
+        for (i, &gate) in gates.iter().enumerate().take(t) {
             let h = h0.i((0, i)).unwrap();
             rows.push(if kept.contains(&i) {
                 let s = if scaling == GateScaling::Multiply {
-                    gates[i] as f64
+                    gate as f64
                 } else {
                     1.0
                 };

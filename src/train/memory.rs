@@ -48,9 +48,9 @@ const COMPOSED: ActivationModel = ActivationModel {
 /// of whole `convert --steps 1` runs on SmolLM2-135M (4 × 256 tokens, `/usr/bin/time`'s
 /// KiB × 1024, 2026-12-01, with the loss's 64 MiB chunks): the paper's recipe (odd
 /// layers, `Skip`, router-only LM) 3.88 GB, router-only LM on every layer with `Keep`
-/// 3.42 GB (both planned 3.90: `layer`), full-parameter + KL 5.41 GB (planned 6.05), LoRA
-/// + KL 5.62 GB (planned 5.75: `lora`; the whole 80-step default conversion peaked at
-/// 5.70). A training step alone peaks lower (`bench_train`: 2.40 GB router-only LM);
+/// 3.42 GB (both planned 3.90: `layer`), full-parameter + KL 5.41 GB (planned 6.05),
+/// LoRA + KL 5.62 GB (planned 5.75: `lora`; the whole 80-step default conversion peaked
+/// at 5.70). A training step alone peaks lower (`bench_train`: 2.40 GB router-only LM);
 /// evaluation, calibration and the allocator's retention make the rest.
 const FUSED: ActivationModel = ActivationModel {
     layer: 8.4,
