@@ -23,13 +23,20 @@ pub struct Dispatch {
 struct SlotIndex {
     /// `b * T + index` of every slot, `(B * K,)` u32 (padding slots point at `b * T`).
     flat: Tensor,
-    /// `valid` as a `(B, K, 1)` float mask in the model dtype.
-    valid_f: Tensor,
+    /// How the slots' updates go back to their tokens.
+    scatter: Scatter,
+}
+
+#[derive(Debug, Clone)]
+enum Scatter {
+    /// `index_add` of the updates, padding slots zeroed by `valid` as a `(B, K, 1)`
+    /// float mask in the model dtype.
+    IndexAdd { valid_f: Tensor },
     /// On a GPU, for every token `b * T + t`, `(B * T,)` u32: its slot `b * K + s` if it
     /// is kept, else `B * K`, a zero row appended to the update. The scatter then runs as
     /// a gather: candle's CUDA `index_add` runs one thread per column, serially over the
     /// slots, where `index_select` is parallel over every element.
-    token_slots: Option<Tensor>,
+    Gather { token_slots: Tensor },
 }
 
 impl Dispatch {
@@ -72,7 +79,7 @@ impl Dispatch {
             }
         }
         let valid = Tensor::from_vec(valid, (b, k), device)?;
-        let token_slots = match scatter_by_gather {
+        let scatter = match scatter_by_gather {
             true => {
                 let mut slots = vec![(b * k) as u32; b * t];
                 for (row, kept) in sel.kept().iter().enumerate() {
@@ -80,15 +87,18 @@ impl Dispatch {
                         slots[row * t + p as usize] = (row * k + slot) as u32;
                     }
                 }
-                Some(Tensor::from_vec(slots, b * t, device)?)
+                Scatter::Gather {
+                    token_slots: Tensor::from_vec(slots, b * t, device)?,
+                }
             }
-            false => None,
+            false => Scatter::IndexAdd {
+                valid_f: valid.to_dtype(dtype)?.unsqueeze(2)?,
+            },
         };
         Ok(Some(Self {
             index: Some(SlotIndex {
                 flat: Tensor::from_vec(flat, b * k, device)?,
-                valid_f: valid.to_dtype(dtype)?.unsqueeze(2)?,
-                token_slots,
+                scatter,
             }),
             valid,
             batch: b,
@@ -139,20 +149,21 @@ impl Dispatch {
             return Ok((x + update)?);
         };
         let d = x.dim(2)?;
-        if let Some(slots) = &index.token_slots {
-            let zero = Tensor::zeros((1, d), update.dtype(), update.device())?;
-            let rows = Tensor::cat(&[&update.reshape((self.batch * self.width, d))?, &zero], 0)?;
-            let per_token = rows.index_select(slots, 0)?;
-            return Ok((x + per_token.reshape((self.batch, self.seq_len, d))?)?);
-        }
-        let update = update.broadcast_mul(&index.valid_f)?;
-        Ok(x.reshape((self.batch * self.seq_len, d))?
-            .index_add(
-                &index.flat,
-                &update.reshape((self.batch * self.width, d))?,
-                0,
-            )?
-            .reshape((self.batch, self.seq_len, d))?)
+        let sum = match &index.scatter {
+            Scatter::Gather { token_slots } => {
+                let flat_update = update.reshape((self.batch * self.width, d))?;
+                let zero = Tensor::zeros((1, d), update.dtype(), update.device())?;
+                let rows = Tensor::cat(&[&flat_update, &zero], 0)?;
+                (x.reshape((self.batch * self.seq_len, d))? + rows.index_select(token_slots, 0)?)?
+            }
+            Scatter::IndexAdd { valid_f } => {
+                let masked = update.broadcast_mul(valid_f)?;
+                let masked = masked.reshape((self.batch * self.width, d))?;
+                x.reshape((self.batch * self.seq_len, d))?
+                    .index_add(&index.flat, &masked, 0)?
+            }
+        };
+        Ok(sum.reshape((self.batch, self.seq_len, d))?)
     }
 }
 
