@@ -77,6 +77,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
     let (dtype, device) = (args.run.dtype()?, args.run.device()?);
+    modification::model::amx::set_f32_matmul_precision(args.run.matmul.precision());
     let ckpt = match args.random_weights {
         true => support::random_checkpoint(std::path::Path::new(&args.model), dtype, &device)?,
         false => Checkpoint::load(&args.model, dtype, &device)?,

@@ -14,6 +14,30 @@ pub struct DeviceArgs {
     /// Weights dtype: f32, bf16 or f16 (routers, adapters and optimizer state stay f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Precision of the linear layers' f32 products on the CPU: f32, or bf16 (operands
+    /// rounded to bf16, f32 sums) on AMX tiles where the CPU has them, f32 elsewhere.
+    /// `convert` and `sweep` use it for training only.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub matmul: MatmulArg,
+}
+
+/// `--matmul`: the precision of f32 products on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MatmulArg {
+    /// f32 products.
+    F32,
+    /// bf16 operands, f32 sums, on AMX tiles (PyTorch's `set_float32_matmul_precision("medium")`).
+    Bf16,
+}
+
+impl MatmulArg {
+    /// The library's setting.
+    pub fn precision(self) -> modification::model::amx::MatmulPrecision {
+        match self {
+            Self::F32 => modification::model::amx::MatmulPrecision::Highest,
+            Self::Bf16 => modification::model::amx::MatmulPrecision::Bf16,
+        }
+    }
 }
 
 impl DeviceArgs {

@@ -3,12 +3,15 @@
 //! candle 0.11's matmul backward always computes both operands' gradients, so a
 //! router-only conversion would spend a third of its backward pass on gradients of frozen
 //! base weights that are thrown away. [`linear`] uses a matmul whose backward returns the
-//! input's gradient only when the weight is not a trainable `Var`.
+//! input's gradient only when the weight is not a trainable `Var`. Where
+//! [`set_f32_matmul_precision`](super::amx::set_f32_matmul_precision) asked for bf16 and
+//! the CPU has AMX tiles, its products (forward and both gradients) run on them.
 
+use super::amx;
 use crate::error::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 
 /// `x · wᵀ` over the last dimension: `x` `(..., in)`, `w` `(out, in)` -> `(..., out)`.
 /// Input and weight are flattened to 2-D so the weight is never broadcast per batch row.
@@ -17,10 +20,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let inp = *dims.last().unwrap_or(&0);
     let n = x.elem_count() / inp.max(1);
     let x2 = x.reshape((n, inp))?;
-    let y = if w.is_variable() || w.track_op() {
+    let weight_grad = w.is_variable() || w.track_op();
+    let y = if weight_grad && !runs_on_amx(&x2, w) {
         x2.matmul(&w.t()?)?
     } else {
-        x2.apply_op2(&w.t()?, FrozenMatmul)?
+        x2.apply_op2(&w.t()?, LinearMatmul { weight_grad })?
     };
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
@@ -29,21 +33,43 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
-/// `x (m, k) · w_t (k, n)` with a backward for `x` only.
-struct FrozenMatmul;
+/// Whether a product of `a` and `b` runs on AMX tiles: bf16 products asked for, AMX
+/// available, both operands f32 on the CPU.
+fn runs_on_amx(a: &Tensor, b: &Tensor) -> bool {
+    amx::enabled()
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+}
+
+/// `a · b` for 2-D tensors, on AMX tiles where [`runs_on_amx`], else candle's matmul; no
+/// gradient of its own (it computes gradients).
+fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if runs_on_amx(a, b) {
+        a.apply_op2_no_bwd(b, &AmxProduct)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// `x (m, k) · w_t (k, n)`, with a backward for `x`, and for `w_t` where `weight_grad`.
+struct LinearMatmul {
+    weight_grad: bool,
+}
 
 fn mnk(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     let (m, k) = l1.shape().dims2()?;
     let (k2, n) = l2.shape().dims2()?;
     if k != k2 {
-        candle_core::bail!("frozen matmul: inner dimensions {k} and {k2} differ");
+        candle_core::bail!("linear: inner dimensions differ ({k} and {k2})");
     }
     Ok((m, n, k))
 }
 
-impl CustomOp2 for FrozenMatmul {
+impl CustomOp2 for LinearMatmul {
     fn name(&self) -> &'static str {
-        "frozen-matmul"
+        "linear-matmul"
     }
 
     fn cpu_fwd(
@@ -55,12 +81,24 @@ impl CustomOp2 for FrozenMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k) = mnk(l1, l2)?;
         // A weight stored `(out, in)` (its transpose is the operand): a few rows are a
-        // decode step, bound by reading the weight once; up to a few hundred, a short
-        // prompt, where outer products on the weight as stored beat packing both operands.
+        // decode step, bound by reading the weight once; more rows run on AMX tiles in
+        // bf16 where asked for; up to a few hundred, a short prompt, where outer products
+        // on the weight as stored beat packing both operands.
         let weight_rows = l2.stride() == [1, k];
-        if let (CpuStorage::F32(x), CpuStorage::F32(w), true) = (s1, s2, weight_rows) {
+        if let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) {
+            if m > super::gemv::MAX_ROWS && amx::enabled() {
+                if let (Some(a), Some(b)) =
+                    (amx::View::of_layout(x, l1), amx::View::of_layout(w, l2))
+                {
+                    if let Some(y) = amx::matmul(a, b) {
+                        return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+                    }
+                }
+            }
             let w0 = l2.start_offset();
-            if let (Some((x0, x1)), Some(w)) = (l1.contiguous_offsets(), w.get(w0..w0 + n * k)) {
+            if let (Some((x0, x1)), Some(w), true) =
+                (l1.contiguous_offsets(), w.get(w0..w0 + n * k), weight_rows)
+            {
                 let x = &x[x0..x1];
                 let y = if m <= super::gemv::MAX_ROWS {
                     Some(super::gemv::gemv(x, m, k, w, n))
@@ -90,12 +128,45 @@ impl CustomOp2 for FrozenMatmul {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w_t: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&w_t.t()?)?), None))
+        let dx = product(grad, &w_t.t()?)?;
+        let dw_t = match self.weight_grad {
+            true => Some(product(&x.t()?, grad)?),
+            false => None,
+        };
+        Ok((Some(dx), dw_t))
+    }
+}
+
+/// `a (m, k) · b (k, n)` on AMX tiles (any strides), candle's matmul where AMX cannot
+/// take the operands.
+struct AmxProduct;
+
+impl CustomOp2 for AmxProduct {
+    fn name(&self) -> &'static str {
+        "amx-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k) = mnk(l1, l2)?;
+        if let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) {
+            if let (Some(a), Some(b)) = (amx::View::of_layout(a, l1), amx::View::of_layout(b, l2)) {
+                if let Some(y) = amx::matmul(a, b) {
+                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+                }
+            }
+        }
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
     }
 }
 

@@ -4,6 +4,7 @@
 //! their ORIGINAL position ids, so that a routed layer can run the same code on the tokens
 //! its router kept (RoPE at the original positions, causal mask over original positions).
 
+pub mod amx;
 pub mod attention;
 mod awake_pool;
 pub mod batch;

@@ -138,7 +138,7 @@ struct Output(*mut f32);
 unsafe impl Sync for Output {}
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::{GROUP_BLOCKS, ROWS, TOKENS};
     use std::arch::x86_64::*;
 
@@ -188,7 +188,7 @@ mod avx512 {
     /// pairs, then in pairs of pairs, then the 128-bit lanes exchanged in two steps.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         // Per 128-bit lane L: t[4i] = [a0 b0 a1 b1], t[4i+1] = [a2 b2 a3 b3] of rows
         // a = 4i, b = 4i+1; t[4i+2], t[4i+3] the same of rows 4i+2, 4i+3.
         let t: [__m512; 16] = std::array::from_fn(|i| {
