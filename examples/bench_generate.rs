@@ -92,6 +92,7 @@ fn main() -> Result<()> {
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();
+    modification::model::amx::set_f32_matmul_precision(args.run.matmul.precision());
     anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
     anyhow::ensure!(args.decode_steps >= 1, "--decode-steps must be at least 1");
     anyhow::ensure!(

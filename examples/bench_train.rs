@@ -77,7 +77,6 @@ fn main() -> Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
     let (dtype, device) = (args.run.dtype()?, args.run.device()?);
-    modification::model::amx::set_f32_matmul_precision(args.run.matmul.precision());
     let ckpt = match args.random_weights {
         true => support::random_checkpoint(std::path::Path::new(&args.model), dtype, &device)?,
         false => Checkpoint::load(&args.model, dtype, &device)?,
@@ -93,6 +92,7 @@ fn main() -> Result<()> {
         batch_size: args.batch_size,
         trainable: args.train.into(),
         objective: args.objective.into(),
+        matmul_precision: args.run.matmul.precision(),
         ..TrainConfig::default()
     };
     let mut trainer = Trainer::new(&ckpt, mod_config, train_config)?;
@@ -141,6 +141,7 @@ fn phases(
     let rows = corpus.train_batch(cfg.seed, 0, 0, cfg.batch_size);
     let pad = ckpt.config.eos_token_id.unwrap_or(0);
     let batch = Batch::from_rows(&rows, pad, ckpt.config.max_position_embeddings, &device)?;
+    let _precision = modification::model::amx::precision_scope(cfg.matmul_precision);
     let mut out = Vec::new();
     let mut t = Instant::now();
     let mut lap = |name, out: &mut Vec<(&'static str, f64)>| -> Result<()> {

@@ -573,6 +573,7 @@ fn settings(args: &Args) -> (ModConfig, TrainConfig) {
         budget_ramp: args.budget_ramp,
         target_kept: args.target_kept,
         target_per_layer: args.target_per_layer,
+        matmul_precision: args.run.matmul.precision(),
         ..TrainConfig::default()
     };
 

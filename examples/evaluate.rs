@@ -55,6 +55,7 @@ fn main() -> Result<()> {
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();
+    modification::model::amx::set_f32_matmul_precision(args.run.matmul.precision());
     let ckpt = Checkpoint::load(&args.model, args.run.dtype()?, &args.run.device()?)?;
     let mut model = Llama::from_checkpoint(&ckpt)?;
     let mut routed = if ckpt.extra_config.contains_key("mod") {

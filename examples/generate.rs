@@ -62,6 +62,7 @@ fn main() -> Result<()> {
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();
+    modification::model::amx::set_f32_matmul_precision(args.run.matmul.precision());
     let dtype = args.run.dtype()?;
     let ckpt = Checkpoint::load(&args.model, dtype, &args.run.device()?)?;
     let mut model = if ckpt.extra_config.contains_key("mod") {

@@ -179,6 +179,7 @@ fn settings(args: &Args, config: &modification::LlamaConfig) -> Result<Vec<Sweep
     for s in &mut all {
         s.train.batch_size = args.batch_size;
         s.train.seed = args.seed;
+        s.train.matmul_precision = args.run.matmul.precision();
     }
     if args.only.is_empty() {
         return Ok(all);

@@ -48,6 +48,7 @@ fn main() -> Result<()> {
     support::tune_malloc_for_tensors();
     support::init_logging();
     let args = Args::parse();
+    modification::model::amx::set_f32_matmul_precision(args.run.matmul.precision());
     let (dtype, device) = (args.run.dtype()?, args.run.device()?);
     let converted = ModModel::load(&args.model, dtype, &device)?;
     anyhow::ensure!(

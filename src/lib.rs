@@ -58,6 +58,7 @@ pub mod model;
 pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
+pub use model::amx::{set_f32_matmul_precision, MatmulPrecision};
 pub use model::{Batch, Llama};
 pub mod mixture_of_depths;
 pub mod routing;

@@ -4,12 +4,14 @@ Prefill of 128, 512 and 2048 tokens of Moby Dick and greedy decode after a 512-t
 prompt (`cargo run --release --example bench_generate`); a training step of 4 x 256
 tokens, full-parameter (AdamW) and with gradients for activations only, the cost floor of
 a router-only conversion (`cargo run --release --example bench_train`). float32, 2
-threads, medians. Never run by CI or the tests.
+threads, medians. With a fourth argument `bf16`, the float32 model's products run in bf16
+through oneDNN (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`: AMX tiles where
+the CPU has them), the peer of the crate's `--matmul bf16`. Never run by CI or the tests.
 
 Set-up, from the repository root:
     python3 -m venv out/peers/venv && out/peers/venv/bin/pip install torch transformers safetensors
     cargo run --release --example export            # writes out/smollm2-hf
-    out/peers/venv/bin/python benches/peers/pytorch.py out/smollm2-hf [reps] [decode_steps]
+    out/peers/venv/bin/python benches/peers/pytorch.py out/smollm2-hf [reps] [decode_steps] [bf16]
 """
 
 import glob
@@ -25,6 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 folder = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2-hf"
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 decode_steps = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+if len(sys.argv) > 4 and sys.argv[4] == "bf16":
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    print(f"{'matmul precision':<30} {'bf16':>12}")
 torch.set_num_threads(2)
 
 tok = AutoTokenizer.from_pretrained(folder)

@@ -16,7 +16,8 @@ pub struct DeviceArgs {
     pub dtype: String,
     /// Precision of the linear layers' f32 products on the CPU: f32, or bf16 (operands
     /// rounded to bf16, f32 sums) on AMX tiles where the CPU has them, f32 elsewhere.
-    /// `convert` and `sweep` use it for training only.
+    /// `convert` and `sweep` use it for training only (evaluation and calibration stay
+    /// f32); the other binaries for every product of more than 8 rows.
     #[arg(long, value_enum, default_value = "f32")]
     pub matmul: MatmulArg,
 }

@@ -22,7 +22,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Precision of f32 matrix products on the CPU (PyTorch's `torch.set_float32_matmul_precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MatmulPrecision {
     /// f32 products (the default).
     #[default]
@@ -43,11 +44,43 @@ pub fn set_f32_matmul_precision(precision: MatmulPrecision) {
     PRECISION.store(precision as u8, Ordering::Relaxed);
 }
 
-/// The precision [`set_f32_matmul_precision`] set ([`MatmulPrecision::Highest`] unless set).
+/// The precision of this thread's products: the innermost [`precision_scope`]'s, else
+/// the one [`set_f32_matmul_precision`] set ([`MatmulPrecision::Highest`] unless set).
 pub fn f32_matmul_precision() -> MatmulPrecision {
-    match PRECISION.load(Ordering::Relaxed) {
-        0 => MatmulPrecision::Highest,
-        _ => MatmulPrecision::Bf16,
+    SCOPED
+        .get()
+        .unwrap_or(match PRECISION.load(Ordering::Relaxed) {
+            0 => MatmulPrecision::Highest,
+            _ => MatmulPrecision::Bf16,
+        })
+}
+
+thread_local! {
+    static SCOPED: std::cell::Cell<Option<MatmulPrecision>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs this thread's products at `precision` until the returned guard is dropped (the
+/// enclosing scope's precision comes back), whatever the process-wide setting: how a
+/// training step runs its products in bf16 while evaluation stays f32, like PyTorch's
+/// `torch.autocast`. A product's decision is taken on the thread that calls it (candle
+/// runs a backward pass on the thread that calls `backward`).
+pub fn precision_scope(precision: MatmulPrecision) -> PrecisionScope {
+    PrecisionScope {
+        outer: SCOPED.replace(Some(precision)),
+        _same_thread: std::marker::PhantomData,
+    }
+}
+
+/// The guard of [`precision_scope`]; it stays on its thread.
+#[must_use = "the precision holds while the guard lives"]
+pub struct PrecisionScope {
+    outer: Option<MatmulPrecision>,
+    _same_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for PrecisionScope {
+    fn drop(&mut self) {
+        SCOPED.set(self.outer);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Training settings: what trains, against which objective, for how long, at which rates.
 
 use crate::error::{Error, Result};
+use crate::model::amx::MatmulPrecision;
 use crate::model::LoraConfig;
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +91,10 @@ pub struct TrainConfig {
     pub target_per_layer: bool,
     /// Weight of the MoD auxiliary predictor loss (top-k routers only).
     pub topk_aux_weight: f64,
+    /// Precision of the linear layers' f32 products during training steps (forward,
+    /// teacher and both gradients) on the CPU: [`MatmulPrecision::Bf16`] runs them on
+    /// AMX tiles where the CPU has them (see [`crate::model::amx`]).
+    pub matmul_precision: MatmulPrecision,
 }
 
 impl Default for TrainConfig {
@@ -114,6 +119,7 @@ impl Default for TrainConfig {
             target_kept: None,
             target_per_layer: false,
             topk_aux_weight: 0.1,
+            matmul_precision: MatmulPrecision::Highest,
         }
     }
 }

@@ -235,6 +235,7 @@ impl Trainer {
     pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepReport> {
         let start = Instant::now();
         let cfg = self.config.clone();
+        let _precision = crate::model::amx::precision_scope(cfg.matmul_precision);
         let device = self.base.device();
         let max_len = self.base.config.max_position_embeddings;
         let pad = self.base.config.eos_token_id.unwrap_or(0);
