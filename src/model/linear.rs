@@ -85,16 +85,12 @@ impl CustomOp2 for LinearMatmul {
         // bf16 where asked for; up to a few hundred, a short prompt, where outer products
         // on the weight as stored beat packing both operands.
         let weight_rows = l2.stride() == [1, k];
-        if let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) {
-            if m > super::gemv::MAX_ROWS && amx::enabled() {
-                if let (Some(a), Some(b)) =
-                    (amx::View::of_layout(x, l1), amx::View::of_layout(w, l2))
-                {
-                    if let Some(y) = amx::matmul(a, b) {
-                        return Ok((CpuStorage::F32(y), Shape::from((m, n))));
-                    }
-                }
+        if m > super::gemv::MAX_ROWS && amx::enabled() {
+            if let Some(y) = amx_storage(s1, l1, s2, l2) {
+                return Ok((y, Shape::from((m, n))));
             }
+        }
+        if let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) {
             let w0 = l2.start_offset();
             if let (Some((x0, x1)), Some(w), true) =
                 (l1.contiguous_offsets(), w.get(w0..w0 + n * k), weight_rows)
@@ -159,15 +155,22 @@ impl CustomOp2 for AmxProduct {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k) = mnk(l1, l2)?;
-        if let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) {
-            if let (Some(a), Some(b)) = (amx::View::of_layout(a, l1), amx::View::of_layout(b, l2)) {
-                if let Some(y) = amx::matmul(a, b) {
-                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
-                }
-            }
-        }
-        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+        let y = match amx_storage(s1, l1, s2, l2) {
+            Some(y) => y,
+            None => s1.matmul(s2, (1, m, n, k), l1, l2)?,
+        };
+        Ok((y, Shape::from((m, n))))
     }
+}
+
+/// The product of two 2-D f32 operands on AMX tiles (see [`amx::matmul`]); `None` for
+/// another dtype or where AMX cannot take them.
+fn amx_storage(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Option<CpuStorage> {
+    let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+        return None;
+    };
+    let (a, b) = (amx::View::of_layout(a, l1)?, amx::View::of_layout(b, l2)?);
+    amx::matmul(a, b).map(CpuStorage::F32)
 }
 
 /// `x · Wᵀ` through quantized blocks when `x` `(..., in)` has at most
