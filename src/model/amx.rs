@@ -195,14 +195,10 @@ impl<'a> View<'a> {
 /// a product does not depend on its operands' layout.
 #[inline]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
     if x.is_subnormal() {
-        return ((bits >> 16) & 0x8000) as u16;
+        return ((x.to_bits() >> 16) & 0x8000) as u16;
     }
-    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+    half::bf16::from_f32(x).to_bits()
 }
 
 /// Rows of one tile.
@@ -245,6 +241,7 @@ mod tiles {
     use super::{bf16_bits, View, K_CHUNK, ROW_CHUNK_BYTES, TILE_K, TILE_LEN, TILE_ROWS};
     use crate::model::awake_pool::{for_each_range, Next};
     use crate::model::outer_product::avx512::transpose16;
+    use crate::model::outer_product::Output;
     use std::arch::asm;
     use std::arch::x86_64::*;
 
@@ -301,44 +298,35 @@ mod tiles {
     /// Safety: AVX-512F, AVX512-BW and AVX512-BF16; `tile` holds 512 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn row_tile(a: View, p: usize, s: usize, tile: &mut [u16]) {
-        {
-            let (r0, c0) = (p * TILE_ROWS, s * TILE_K);
-            let rows = a.rows.saturating_sub(r0).min(TILE_ROWS);
-            let cols = a.cols.saturating_sub(c0).min(TILE_K);
-            // SAFETY: the loads stay inside the view's rows and columns, which lie inside
-            // its data; the stores inside the tile.
-            unsafe {
-                if a.col_stride == 1 {
-                    for r in 0..TILE_ROWS {
-                        let row = match r < rows {
-                            true => to_bf16(a.data, a.offset + (r0 + r) * a.row_stride + c0, cols),
-                            false => _mm512_setzero_si512(),
+        let (r0, c0) = (p * TILE_ROWS, s * TILE_K);
+        let rows = a.rows.saturating_sub(r0).min(TILE_ROWS);
+        let cols = a.cols.saturating_sub(c0).min(TILE_K);
+        // SAFETY: the helpers' loads stay inside the view's rows and columns, which lie
+        // inside its data; the stores inside the tile.
+        unsafe {
+            if a.col_stride == 1 {
+                for r in 0..TILE_ROWS {
+                    let row = match r < rows {
+                        true => row_values(a, r0 + r, c0, cols),
+                        false => _mm512_setzero_si512(),
+                    };
+                    _mm512_storeu_si512(tile[r * TILE_K..].as_mut_ptr().cast(), row);
+                }
+            } else if a.row_stride == 1 {
+                // Columns are contiguous: pairs of columns side by side, transposed.
+                let pairs: [__m512; 16] = std::array::from_fn(|i| {
+                    _mm512_castsi512_ps(column_pair(a, r0, rows, c0 + 2 * i))
+                });
+                for (r, row) in transpose16(pairs).iter().enumerate() {
+                    _mm512_storeu_ps(tile[r * TILE_K..].as_mut_ptr().cast(), *row);
+                }
+            } else {
+                for r in 0..TILE_ROWS {
+                    for c in 0..TILE_K {
+                        tile[r * TILE_K + c] = match r < rows && c < cols {
+                            true => bf16_bits(a.at(r0 + r, c0 + c)),
+                            false => 0,
                         };
-                        _mm512_storeu_si512(tile[r * TILE_K..].as_mut_ptr().cast(), row);
-                    }
-                } else if a.row_stride == 1 {
-                    // Columns are contiguous: pairs of columns side by side, transposed.
-                    let pairs: [__m512; 16] = std::array::from_fn(|i| {
-                        let column = |c: usize| match c < a.cols {
-                            true => load(a.data, a.offset + r0 + c * a.col_stride, rows),
-                            false => _mm512_setzero_ps(),
-                        };
-                        _mm512_castsi512_ps(side_by_side(
-                            column(c0 + 2 * i),
-                            column(c0 + 2 * i + 1),
-                        ))
-                    });
-                    for (r, row) in transpose16(pairs).iter().enumerate() {
-                        _mm512_storeu_ps(tile[r * TILE_K..].as_mut_ptr().cast(), *row);
-                    }
-                } else {
-                    for r in 0..TILE_ROWS {
-                        for c in 0..TILE_K {
-                            tile[r * TILE_K + c] = match r < rows && c < cols {
-                                true => bf16_bits(a.at(r0 + r, c0 + c)),
-                                false => 0,
-                            };
-                        }
                     }
                 }
             }
@@ -361,50 +349,72 @@ mod tiles {
     /// Safety: AVX-512F, AVX512-BW and AVX512-BF16; `tile` holds 512 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pair_tile(bt: View, q: usize, s: usize, tile: &mut [u16]) {
-        {
-            let (j0, c0) = (q * TILE_ROWS, s * TILE_K);
-            let rows = bt.rows.saturating_sub(j0).min(TILE_ROWS);
-            let cols = bt.cols.saturating_sub(c0).min(TILE_K);
-            // SAFETY: as in `row_tile`.
-            unsafe {
-                if bt.col_stride == 1 {
-                    // Rows are contiguous: each row's 16 pairs, transposed.
-                    let rows_of_pairs: [__m512; 16] = std::array::from_fn(|j| match j < rows {
-                        true => _mm512_castsi512_ps(to_bf16(
-                            bt.data,
-                            bt.offset + (j0 + j) * bt.row_stride + c0,
-                            cols,
-                        )),
-                        false => _mm512_setzero_ps(),
-                    });
-                    for (i, row) in transpose16(rows_of_pairs).iter().enumerate() {
-                        _mm512_storeu_ps(tile[i * TILE_K..].as_mut_ptr().cast(), *row);
-                    }
-                } else if bt.row_stride == 1 {
-                    // Columns are contiguous: tile row i is columns 2i and 2i + 1 side by side.
-                    for i in 0..TILE_ROWS {
-                        let column = |c: usize| match c < bt.cols {
-                            true => load(bt.data, bt.offset + j0 + c * bt.col_stride, rows),
-                            false => _mm512_setzero_ps(),
-                        };
-                        let row = side_by_side(column(c0 + 2 * i), column(c0 + 2 * i + 1));
-                        _mm512_storeu_si512(tile[i * TILE_K..].as_mut_ptr().cast(), row);
-                    }
-                } else {
-                    for i in 0..TILE_ROWS {
-                        for j in 0..TILE_ROWS {
-                            for e in 0..2 {
-                                let c = 2 * i + e;
-                                tile[i * TILE_K + 2 * j + e] = match j < rows && c < cols {
-                                    true => bf16_bits(bt.at(j0 + j, c0 + c)),
-                                    false => 0,
-                                };
-                            }
+        let (j0, c0) = (q * TILE_ROWS, s * TILE_K);
+        let rows = bt.rows.saturating_sub(j0).min(TILE_ROWS);
+        let cols = bt.cols.saturating_sub(c0).min(TILE_K);
+        // SAFETY: as in `row_tile`.
+        unsafe {
+            if bt.col_stride == 1 {
+                // Rows are contiguous: each row's 16 pairs, transposed.
+                let rows_of_pairs: [__m512; 16] = std::array::from_fn(|j| match j < rows {
+                    true => _mm512_castsi512_ps(row_values(bt, j0 + j, c0, cols)),
+                    false => _mm512_setzero_ps(),
+                });
+                for (i, row) in transpose16(rows_of_pairs).iter().enumerate() {
+                    _mm512_storeu_ps(tile[i * TILE_K..].as_mut_ptr().cast(), *row);
+                }
+            } else if bt.row_stride == 1 {
+                // Columns are contiguous: tile row i is columns 2i and 2i + 1 side by side.
+                for i in 0..TILE_ROWS {
+                    let row = column_pair(bt, j0, rows, c0 + 2 * i);
+                    _mm512_storeu_si512(tile[i * TILE_K..].as_mut_ptr().cast(), row);
+                }
+            } else {
+                for i in 0..TILE_ROWS {
+                    for j in 0..TILE_ROWS {
+                        for e in 0..2 {
+                            let c = 2 * i + e;
+                            tile[i * TILE_K + 2 * j + e] = match j < rows && c < cols {
+                                true => bf16_bits(bt.at(j0 + j, c0 + c)),
+                                false => 0,
+                            };
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Values `c0..c0 + count` (count ≤ 32) of row `r` of a view whose rows are
+    /// contiguous, as 32 bf16 (zero past `count`).
+    ///
+    /// Safety: AVX-512F and AVX512-BF16; row `r` exists and holds those values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn row_values(v: View, r: usize, c0: usize, count: usize) -> __m512i {
+        // SAFETY: the caller's promise.
+        unsafe { to_bf16(v.data, v.offset + r * v.row_stride + c0, count) }
+    }
+
+    /// Rows `r0..r0 + rows` (rows ≤ 16) of columns `c` and `c + 1` of a view whose columns
+    /// are contiguous, as bf16 pairs side by side (a column past the view's is zero).
+    ///
+    /// Safety: AVX-512F, AVX512-BW and AVX512-BF16; those rows exist.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn column_pair(v: View, r0: usize, rows: usize, c: usize) -> __m512i {
+        let column = |c: usize| match c < v.cols {
+            // SAFETY: rows r0..r0 + rows of column c lie inside the view's data.
+            true => unsafe {
+                load(
+                    v.data,
+                    v.offset + r0 * v.row_stride + c * v.col_stride,
+                    rows,
+                )
+            },
+            false => _mm512_setzero_ps(),
+        };
+        side_by_side(column(c), column(c + 1))
     }
 
     /// `panels × steps` tiles at the start of `tiles` (grown if shorter), filled by
@@ -483,14 +493,6 @@ mod tiles {
         );
         _mm512_permutexvar_epi16(order, halves)
     }
-
-    /// The output of [`product`], written by several threads at once, each in column
-    /// blocks of its own.
-    struct Output(*mut f32);
-
-    // SAFETY: the threads that share an `Output` write disjoint blocks, and the vector it
-    // points into outlives them (`for_each_range` returns after every part).
-    unsafe impl Sync for Output {}
 
     /// Palette 1, eight tiles of 16 rows × 64 bytes.
     #[repr(C, align(64))]

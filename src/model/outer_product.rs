@@ -127,10 +127,10 @@ fn token_panels<'a>(x: &[f32], m: usize, k: usize, buffer: &'a mut Vec<f32>) -> 
     panels
 }
 
-/// The output of [`matmul_wt`], written by several threads at once, each in columns of
-/// its own.
+/// The output of a product (here [`matmul_wt`], also the AMX products), written by
+/// several threads at once, each in elements of its own.
 #[cfg(target_arch = "x86_64")]
-struct Output(*mut f32);
+pub(crate) struct Output(pub(crate) *mut f32);
 
 // SAFETY: the threads that share an `Output` write disjoint elements, and the vector it
 // points into outlives them (`for_each_range` returns after every part).
