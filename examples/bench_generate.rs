@@ -136,6 +136,7 @@ fn main() -> Result<()> {
         longest.max(DECODE_PROMPT)
     );
 
+    println!("{:<30} {:>12}", "products", args.run.matmul.describe());
     println!(
         "{:<30} {:>12} {:>12} {:>8}",
         "measure", "original", "converted", "ratio"

@@ -106,6 +106,7 @@ fn main() -> Result<()> {
     rates.sort_by(|a, b| a.total_cmp(b));
     let rate = rates[rates.len() / 2];
     let name = format!("train {:?} {:?} tok/s", args.train, args.objective).to_lowercase();
+    println!("{:<30} {:>12}", "products", args.run.matmul.describe());
     println!("{name:<30} {:>12.1}", rate);
     if let Some(peak) = args.peak_tflops {
         let params = modification::train::memory::parameter_count(&ckpt.config) as f64;

@@ -1,8 +1,8 @@
-//! bf16 products (AMX tiles or AVX512-BF16 dot products, whichever the CPU has) through
-//! the linear layers: forward and both gradients equal the products of the bf16-rounded
-//! operands summed in f64 (to f32 summation error), and a precision scope ends where its
-//! guard is dropped. Where the CPU has neither, the products stay f32, and the tests
-//! check that instead.
+//! The linear layers' products, f32 and bf16 (AMX tiles or AVX512-BF16 dot products,
+//! whichever the CPU has): forward and both gradients (the weight's only where it
+//! trains) equal the products of the operands, bf16-rounded for bf16, summed in f64 (to
+//! f32 summation error), and a precision scope ends where its guard is dropped. Where the
+//! CPU has no bf16 kernel, bf16 products stay f32, and the tests check that instead.
 
 use candle_core::{Device, Tensor, Var};
 use modification::model::amx::{
@@ -56,37 +56,64 @@ fn assert_close(name: &str, got: &[f32], want: &(Vec<f64>, Vec<f64>), k: usize) 
 }
 
 #[test]
-fn linear_layers_forward_and_gradients_in_bf16_equal_the_rounded_products() -> anyhow::Result<()> {
+fn linear_layers_forward_and_gradients_equal_the_products_in_f64() -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    // Odd sizes (padding of rows, columns and the reduction) and a loss chunk-like shape.
-    for &(m, k, n) in &[(9, 33, 17), (64, 96, 48), (130, 70, 200)] {
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, k), &dev)?)?;
-        let x_var = Var::from_tensor(&x)?;
-        // A fixed incoming gradient through a weighted sum.
-        let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
-        let (y, grads) = {
-            let _bf16 = precision_scope(MatmulPrecision::Bf16);
-            let y = linear(x_var.as_tensor(), w.as_tensor())?;
-            let grads = (&y * &g)?.sum_all()?.backward()?;
-            (y, grads)
-        };
-        let dx = grads.get(x_var.as_tensor()).expect("input gradient");
-        let dw = grads.get(w.as_tensor()).expect("weight gradient");
-        let (xs, ws, gs) = (
-            x.flatten_all()?.to_vec1::<f32>()?,
-            w.as_tensor().flatten_all()?.to_vec1::<f32>()?,
-            g.flatten_all()?.to_vec1::<f32>()?,
-        );
-        let round = bf16_kernel().is_some();
-        // y = x · wᵀ; dx = g · w; dwᵀ = xᵀ · g.
-        let want_y = reference(&xs, &transpose(&ws, n, k), (m, k, n), round);
-        let want_dx = reference(&gs, &ws, (m, n, k), round);
-        let want_dw_t = reference(&transpose(&xs, m, k), &gs, (k, m, n), round);
-        assert_close("y", &y.flatten_all()?.to_vec1()?, &want_y, k);
-        assert_close("dx", &dx.flatten_all()?.to_vec1()?, &want_dx, n);
-        let dw_t = dw.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        assert_close("dw", &dw_t, &want_dw_t, m);
+    // Odd sizes (padding of rows, columns and the reduction), a loss chunk-like shape, and
+    // more than 256 rows (the packed `gemm` path in f32); inputs of rank 3.
+    for &(m, k, n) in &[(9, 33, 17), (64, 96, 48), (130, 70, 200), (300, 40, 24)] {
+        for precision in [MatmulPrecision::Highest, MatmulPrecision::Bf16] {
+            for trainable in [true, false] {
+                let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+                let x_var = Var::from_tensor(&x)?;
+                let w_var = Var::from_tensor(&w)?;
+                let weight = match trainable {
+                    true => w_var.as_tensor().clone(),
+                    false => w.clone(),
+                };
+                // A fixed incoming gradient through a weighted sum.
+                let g = Tensor::randn(0f32, 1.0, (1, m, n), &dev)?;
+                let (y, grads) = {
+                    let _scope = precision_scope(precision);
+                    let y = linear(x_var.as_tensor(), &weight)?;
+                    let grads = (&y * &g)?.sum_all()?.backward()?;
+                    (y, grads)
+                };
+                let dx = grads.get(x_var.as_tensor()).expect("input gradient");
+                let (xs, ws, gs) = (
+                    x.flatten_all()?.to_vec1::<f32>()?,
+                    w.flatten_all()?.to_vec1::<f32>()?,
+                    g.flatten_all()?.to_vec1::<f32>()?,
+                );
+                let round = precision == MatmulPrecision::Bf16 && bf16_kernel().is_some();
+                let case = format!("{precision:?}, trainable {trainable}, ({m}, {k}, {n})");
+                // y = x · wᵀ; dx = g · w; dwᵀ = xᵀ · g.
+                let want_y = reference(&xs, &transpose(&ws, n, k), (m, k, n), round);
+                let want_dx = reference(&gs, &ws, (m, n, k), round);
+                assert_close(
+                    &format!("y {case}"),
+                    &y.flatten_all()?.to_vec1()?,
+                    &want_y,
+                    k,
+                );
+                assert_close(
+                    &format!("dx {case}"),
+                    &dx.flatten_all()?.to_vec1()?,
+                    &want_dx,
+                    n,
+                );
+                match grads.get(w_var.as_tensor()) {
+                    Some(dw) => {
+                        assert!(trainable, "{case}: a frozen weight got a gradient");
+                        assert_eq!(dw.dims(), &[n, k], "{case}: the weight's own layout");
+                        let want = reference(&transpose(&xs, m, k), &gs, (k, m, n), round);
+                        let dw_t = dw.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                        assert_close(&format!("dw {case}"), &dw_t, &want, m);
+                    }
+                    None => assert!(!trainable, "{case}: no weight gradient"),
+                }
+            }
+        }
     }
     Ok(())
 }

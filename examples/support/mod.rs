@@ -15,7 +15,8 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Precision of the linear layers' f32 products on the CPU: f32, or bf16 (operands
-    /// rounded to bf16, f32 sums) on AMX tiles where the CPU has them, f32 elsewhere.
+    /// rounded to bf16, f32 sums) on AMX tiles or AVX512-BF16 dot products where the CPU
+    /// has them, f32 elsewhere.
     /// `convert` and `sweep` use it for training only (evaluation and calibration stay
     /// f32); the other binaries for every product of more than 8 rows.
     #[arg(long, value_enum, default_value = "f32")]
@@ -27,11 +28,22 @@ pub struct DeviceArgs {
 pub enum MatmulArg {
     /// f32 products.
     F32,
-    /// bf16 operands, f32 sums, on AMX tiles (PyTorch's `set_float32_matmul_precision("medium")`).
+    /// bf16 operands, f32 sums, on AMX tiles or AVX512-BF16 dot products (PyTorch's
+    /// `set_float32_matmul_precision("medium")`).
     Bf16,
 }
 
 impl MatmulArg {
+    /// What runs the products on this CPU, for a bench's output: `f32`, `bf16 (AmxTiles)`,
+    /// `bf16 (Avx512Dot)`, or `f32 (no bf16 kernel)`.
+    pub fn describe(self) -> String {
+        match (self, modification::model::amx::bf16_kernel()) {
+            (Self::F32, _) => "f32".into(),
+            (Self::Bf16, Some(kernel)) => format!("bf16 ({kernel:?})"),
+            (Self::Bf16, None) => "f32 (no bf16 kernel)".into(),
+        }
+    }
+
     /// The library's setting.
     pub fn precision(self) -> modification::model::amx::MatmulPrecision {
         match self {

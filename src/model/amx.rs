@@ -16,11 +16,15 @@
 //! cache while it is reused. The output's blocks are split by columns across the
 //! threads of the awake pool.
 //!
+//! On a CPU without AMX but with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake),
+//! the same packed tiles are multiplied with `vdpbf16ps` dot products instead
+//! ([`Bf16Kernel::Avx512Dot`], in `amx/dot.rs`): twice the multiply-adds of an f32 FMA.
+//!
 //! Used where [`set_f32_matmul_precision`] or a [`precision_scope`] (a training step's,
 //! from `TrainConfig::matmul_precision`) asked for [`MatmulPrecision::Bf16`] and the CPU
-//! and OS support AMX ([`amx_available`]); everywhere else products stay f32.
+//! has one of the two kernels ([`bf16_kernel`]); everywhere else products stay f32.
 //!
-//! Measured (session 12, this machine): training steps 1.41-1.58× faster, prefill
+//! Measured (session 12, a 2-core Xeon with AMX): training steps 1.41-1.58× faster, prefill
 //! 1.3-2.0×;
 //! a conversion's model at equal steps a little worse than with f32 products (worst
 //! held-out perplexity ratio +0.02 / +0.06, mean +0.04 / +0.05 over two seeds), so
@@ -37,7 +41,8 @@ pub enum MatmulPrecision {
     Highest,
     /// Operands rounded to bf16 (round to nearest, ties to even; values below about
     /// 1.2e-38 count as zero, as AMX takes them), products summed in f32, on AMX tiles
-    /// where the CPU has them ([`amx_available`]); f32 elsewhere. Forward products of at
+    /// or AVX512-BF16 dot products where the CPU has them ([`bf16_kernel`]); f32
+    /// elsewhere. Forward products of at
     /// most 8 rows (decode steps, bound by reading the weight) stay f32.
     Bf16,
 }
@@ -277,14 +282,50 @@ fn matmul_with(kernel: Bf16Kernel, a: View, b: View) -> Option<Vec<f32>> {
     }
 }
 
+/// One visit of a `32 × 32` output block: reduction steps `s0..s0 + chunk` of row block
+/// `rb` (rows `32·rb..`) and column block `cb` (columns `32·cb..`).
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Block {
+    s0: usize,
+    chunk: usize,
+    rb: usize,
+    cb: usize,
+}
+
+/// The order in which both kernels visit the blocks of `columns` (column blocks) for
+/// `mp` rows and `steps` steps: chunks of [`K_CHUNK`] steps outermost (a block's sums are
+/// stored after its first chunk and added to after the others), then chunks of row
+/// blocks whose packed tiles for the chunk fit [`ROW_CHUNK_BYTES`], then every column
+/// block, then the chunk's row blocks: the chunk's rows stay in the L2 cache while the
+/// other operand streams past them.
+#[cfg(target_arch = "x86_64")]
+fn for_each_block(
+    mp: usize,
+    steps: usize,
+    columns: std::ops::Range<usize>,
+    mut visit: impl FnMut(Block),
+) {
+    let row_blocks = mp / 32;
+    for s0 in (0..steps).step_by(K_CHUNK) {
+        let chunk = K_CHUNK.min(steps - s0);
+        let row_chunk = (ROW_CHUNK_BYTES / (2 * TILE_LEN * 2 * chunk)).max(1);
+        for r0 in (0..row_blocks).step_by(row_chunk) {
+            for cb in columns.clone() {
+                for rb in r0..(r0 + row_chunk).min(row_blocks) {
+                    visit(Block { s0, chunk, rb, cb });
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod dot;
 
 #[cfg(target_arch = "x86_64")]
 mod tiles {
-    use super::{
-        bf16_bits, Bf16Kernel, View, K_CHUNK, ROW_CHUNK_BYTES, TILE_K, TILE_LEN, TILE_ROWS,
-    };
+    use super::{bf16_bits, Bf16Kernel, View, TILE_K, TILE_LEN, TILE_ROWS};
     use crate::model::awake_pool::{for_each_range, Next};
     use crate::model::outer_product::avx512::transpose16;
     use crate::model::outer_product::Output;
@@ -592,77 +633,68 @@ mod tiles {
         let c_stride = np * 4;
         // SAFETY: CONFIG is a valid palette-1 configuration, 64-byte aligned.
         unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
-        let row_blocks = mp / 32;
-        for s0 in (0..steps).step_by(K_CHUNK) {
-            let chunk = K_CHUNK.min(steps - s0);
-            let row_chunk = (ROW_CHUNK_BYTES / (2 * TILE_LEN * 2 * chunk)).max(1);
-            for r0 in (0..row_blocks).step_by(row_chunk) {
-                for cb in columns.clone() {
-                    let b0 = b[(2 * cb * steps + s0) * TILE_LEN..].as_ptr();
-                    let b1 = b[((2 * cb + 1) * steps + s0) * TILE_LEN..].as_ptr();
-                    for rb in r0..(r0 + row_chunk).min(row_blocks) {
-                        let a0 = a[(2 * rb * steps + s0) * TILE_LEN..].as_ptr();
-                        let a1 = a[((2 * rb + 1) * steps + s0) * TILE_LEN..].as_ptr();
-                        // SAFETY: block (rb, cb) lies inside the mp × np output.
-                        let out = unsafe { c.add(rb * 32 * np + cb * 32) };
-                        let lower = unsafe { out.add(TILE_ROWS * np) };
-                        // SAFETY: the four accumulator tiles are rows of 64 bytes at
-                        // `out`, `out + 16`, `lower`, `lower + 16`, c_stride apart.
-                        unsafe {
-                            if s0 == 0 {
-                                asm!(
-                                    "tilezero tmm0",
-                                    "tilezero tmm1",
-                                    "tilezero tmm2",
-                                    "tilezero tmm3",
-                                    options(nostack)
-                                );
-                            } else {
-                                asm!(
-                                    "tileloadd tmm0, [{o} + {s}]",
-                                    "tileloadd tmm1, [{o} + {s} + 64]",
-                                    "tileloadd tmm2, [{l} + {s}]",
-                                    "tileloadd tmm3, [{l} + {s} + 64]",
-                                    o = in(reg) out, l = in(reg) lower, s = in(reg) c_stride,
-                                    options(nostack, readonly)
-                                );
-                            }
-                        }
-                        for step in 0..chunk {
-                            let at = step * TILE_LEN;
-                            // SAFETY: each operand tile is 16 rows of 64 bytes, contiguous.
-                            unsafe {
-                                asm!(
-                                    "tileloadd tmm4, [{a0} + {s}]",
-                                    "tileloadd tmm5, [{a1} + {s}]",
-                                    "tileloadd tmm6, [{b0} + {s}]",
-                                    "tileloadd tmm7, [{b1} + {s}]",
-                                    "tdpbf16ps tmm0, tmm4, tmm6",
-                                    "tdpbf16ps tmm1, tmm4, tmm7",
-                                    "tdpbf16ps tmm2, tmm5, tmm6",
-                                    "tdpbf16ps tmm3, tmm5, tmm7",
-                                    a0 = in(reg) a0.add(at), a1 = in(reg) a1.add(at),
-                                    b0 = in(reg) b0.add(at), b1 = in(reg) b1.add(at),
-                                    s = in(reg) row_stride,
-                                    options(nostack, readonly)
-                                );
-                            }
-                        }
-                        // SAFETY: as for the loads above.
-                        unsafe {
-                            asm!(
-                                "tilestored [{o} + {s}], tmm0",
-                                "tilestored [{o} + {s} + 64], tmm1",
-                                "tilestored [{l} + {s}], tmm2",
-                                "tilestored [{l} + {s} + 64], tmm3",
-                                o = in(reg) out, l = in(reg) lower, s = in(reg) c_stride,
-                                options(nostack)
-                            );
-                        }
-                    }
+        super::for_each_block(mp, steps, columns, |super::Block { s0, chunk, rb, cb }| {
+            let b0 = b[(2 * cb * steps + s0) * TILE_LEN..].as_ptr();
+            let b1 = b[((2 * cb + 1) * steps + s0) * TILE_LEN..].as_ptr();
+            let a0 = a[(2 * rb * steps + s0) * TILE_LEN..].as_ptr();
+            let a1 = a[((2 * rb + 1) * steps + s0) * TILE_LEN..].as_ptr();
+            // SAFETY: block (rb, cb) lies inside the mp × np output.
+            let out = unsafe { c.add(rb * 32 * np + cb * 32) };
+            let lower = unsafe { out.add(TILE_ROWS * np) };
+            // SAFETY: the four accumulator tiles are rows of 64 bytes at
+            // `out`, `out + 16`, `lower`, `lower + 16`, c_stride apart.
+            unsafe {
+                if s0 == 0 {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack)
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm0, [{o} + {s}]",
+                        "tileloadd tmm1, [{o} + {s} + 64]",
+                        "tileloadd tmm2, [{l} + {s}]",
+                        "tileloadd tmm3, [{l} + {s} + 64]",
+                        o = in(reg) out, l = in(reg) lower, s = in(reg) c_stride,
+                        options(nostack, readonly)
+                    );
                 }
             }
-        }
+            for step in 0..chunk {
+                let at = step * TILE_LEN;
+                // SAFETY: each operand tile is 16 rows of 64 bytes, contiguous.
+                unsafe {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {s}]",
+                        "tileloadd tmm5, [{a1} + {s}]",
+                        "tileloadd tmm6, [{b0} + {s}]",
+                        "tileloadd tmm7, [{b1} + {s}]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(at), a1 = in(reg) a1.add(at),
+                        b0 = in(reg) b0.add(at), b1 = in(reg) b1.add(at),
+                        s = in(reg) row_stride,
+                        options(nostack, readonly)
+                    );
+                }
+            }
+            // SAFETY: as for the loads above.
+            unsafe {
+                asm!(
+                    "tilestored [{o} + {s}], tmm0",
+                    "tilestored [{o} + {s} + 64], tmm1",
+                    "tilestored [{l} + {s}], tmm2",
+                    "tilestored [{l} + {s} + 64], tmm3",
+                    o = in(reg) out, l = in(reg) lower, s = in(reg) c_stride,
+                    options(nostack)
+                );
+            }
+        });
         // Hands the tile state back, so that a context switch saves no tiles.
         unsafe { asm!("tilerelease", options(nostack)) };
     }

@@ -3,9 +3,10 @@
 //! candle 0.11's matmul backward always computes both operands' gradients, so a
 //! router-only conversion would spend a third of its backward pass on gradients of frozen
 //! base weights that are thrown away. [`linear`] uses a matmul whose backward returns the
-//! input's gradient only when the weight is not a trainable `Var`. Where
+//! input's gradient only when the weight is not a trainable `Var`, and a trainable
+//! weight's gradient in the weight's own layout. Where
 //! [`set_f32_matmul_precision`](super::amx::set_f32_matmul_precision) asked for bf16 and
-//! the CPU has AMX tiles, its products (forward and both gradients) run on them.
+//! the CPU has a bf16 kernel, its products (forward and both gradients) run on it.
 
 use super::amx;
 use crate::error::Result;
@@ -21,10 +22,15 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let n = x.elem_count() / inp.max(1);
     let x2 = x.reshape((n, inp))?;
     let weight_grad = w.is_variable() || w.track_op();
-    let y = if weight_grad && !runs_on_amx(&x2, w) {
+    // On the CPU every weight takes the op, so that a trainable weight's gradient comes
+    // out in its own `(out, in)` layout. Through candle's matmul on `w.t()` it came out
+    // transposed, and candle's transpose backward added it into the weight's gradient
+    // element by element through strided indices. A GPU keeps candle's matmul for
+    // trainable weights: its adds run as kernels whatever the strides.
+    let y = if weight_grad && !x2.device().is_cpu() {
         x2.matmul(&w.t()?)?
     } else {
-        x2.apply_op2(&w.t()?, LinearMatmul { weight_grad })?
+        x2.apply_op2(w, LinearMatmul { weight_grad })?
     };
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
@@ -53,7 +59,8 @@ fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `x (m, k) · w_t (k, n)`, with a backward for `x`, and for `w_t` where `weight_grad`.
+/// `x (m, k) · wᵀ` for `w` `(n, k)`, with a backward for `x`, and for `w` where
+/// `weight_grad`.
 struct LinearMatmul {
     weight_grad: bool,
 }
@@ -79,6 +86,7 @@ impl CustomOp2 for LinearMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let l2 = &l2.transpose(0, 1)?;
         let (m, n, k) = mnk(l1, l2)?;
         // A weight stored `(out, in)` (its transpose is the operand): a few rows are a
         // decode step, bound by reading the weight once; more rows run on AMX tiles in
@@ -118,6 +126,7 @@ impl CustomOp2 for LinearMatmul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let l2 = &l2.transpose(0, 1)?;
         let (m, n, k) = mnk(l1, l2)?;
         Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
     }
@@ -125,16 +134,17 @@ impl CustomOp2 for LinearMatmul {
     fn bwd(
         &self,
         x: &Tensor,
-        w_t: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = product(grad, &w_t.t()?)?;
-        let dw_t = match self.weight_grad {
-            true => Some(product(&x.t()?, grad)?),
+        let dx = product(grad, w)?;
+        // `gradᵀ · x`: `(n, k)` row-major, the weight's own layout.
+        let dw = match self.weight_grad {
+            true => Some(product(&grad.t()?, x)?),
             false => None,
         };
-        Ok((Some(dx), dw_t))
+        Ok((Some(dx), dw))
     }
 }
 

@@ -6,17 +6,18 @@
 //! left-operand row's pair for the same `i` is one 32-bit value, broadcast to every lane,
 //! so that one instruction adds both products of the pair to 16 columns of that row. A
 //! register block is 8 rows × 32 columns (16 accumulators), fed per pair by two loads of
-//! the right operand and 8 broadcasts of the left; the chunking of the reduction and of
-//! the rows, and the split of the output's columns across threads, are the AMX kernel's.
+//! the right operand and 8 broadcasts of the left; the order of the blocks
+//! (`for_each_block`) and the split of the output's columns across threads are the AMX
+//! kernel's.
 
-use super::{K_CHUNK, ROW_CHUNK_BYTES, TILE_K, TILE_LEN, TILE_ROWS};
+use super::{TILE_K, TILE_LEN, TILE_ROWS};
 use std::arch::x86_64::*;
 
 /// Rows of one register block: two per tile of the left operand.
 const GROUP: usize = 8;
 
 /// The `32 × 32` blocks of output columns `32·columns` and every row block, as the AMX
-/// kernel `tiles::blocks` computes them (same operands, same output).
+/// kernel `tiles::blocks` computes them (same operands, same order, same output).
 ///
 /// Safety: AVX-512F and AVX512-BF16; `a` holds `mp / 16` panels and `b` `np / 16` panels
 /// of `steps` tiles; `c` points at `mp × np` writable f32 whose blocks in `columns` no
@@ -31,29 +32,20 @@ pub(super) unsafe fn blocks(
     c: *mut f32,
     np: usize,
 ) {
-    let row_blocks = mp / 32;
-    for s0 in (0..steps).step_by(K_CHUNK) {
-        let chunk = K_CHUNK.min(steps - s0);
-        let row_chunk = (ROW_CHUNK_BYTES / (2 * TILE_LEN * 2 * chunk)).max(1);
-        for r0 in (0..row_blocks).step_by(row_chunk) {
-            for cb in columns.clone() {
-                let b0 = &b[(2 * cb * steps + s0) * TILE_LEN..][..chunk * TILE_LEN];
-                let b1 = &b[((2 * cb + 1) * steps + s0) * TILE_LEN..][..chunk * TILE_LEN];
-                for rb in r0..(r0 + row_chunk).min(row_blocks) {
-                    for group in 0..32 / GROUP {
-                        let panel = 2 * rb + group * GROUP / TILE_ROWS;
-                        let first_row = (group * GROUP) % TILE_ROWS;
-                        let a0 = &a[(panel * steps + s0) * TILE_LEN..][..chunk * TILE_LEN];
-                        // SAFETY: rows 32·rb + 8·group.. of the block lie inside the
-                        // mp × np output; its 32 columns at 32·cb inside its np.
-                        let out = unsafe { c.add((rb * 32 + group * GROUP) * np + cb * 32) };
-                        // SAFETY: the caller's CPU features; `out` as above.
-                        unsafe { group_block(a0, first_row, b0, b1, chunk, out, np, s0 == 0) };
-                    }
-                }
-            }
+    super::for_each_block(mp, steps, columns, |super::Block { s0, chunk, rb, cb }| {
+        let b0 = &b[(2 * cb * steps + s0) * TILE_LEN..][..chunk * TILE_LEN];
+        let b1 = &b[((2 * cb + 1) * steps + s0) * TILE_LEN..][..chunk * TILE_LEN];
+        for group in 0..32 / GROUP {
+            let panel = 2 * rb + group * GROUP / TILE_ROWS;
+            let first_row = (group * GROUP) % TILE_ROWS;
+            let a0 = &a[(panel * steps + s0) * TILE_LEN..][..chunk * TILE_LEN];
+            // SAFETY: rows 32·rb + 8·group.. of the block lie inside the mp × np output;
+            // its 32 columns at 32·cb inside its np.
+            let out = unsafe { c.add((rb * 32 + group * GROUP) * np + cb * 32) };
+            // SAFETY: the caller's CPU features; `out` as above.
+            unsafe { group_block(a0, first_row, b0, b1, chunk, out, np, s0 == 0) };
         }
-    }
+    });
 }
 
 /// Rows `first_row..first_row + 8` of the left tiles `a` times the right tiles `b0` and
