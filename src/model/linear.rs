@@ -3,10 +3,10 @@
 //! candle 0.11's matmul backward always computes both operands' gradients, so a
 //! router-only conversion would spend a third of its backward pass on gradients of frozen
 //! base weights that are thrown away. [`linear`] uses a matmul whose backward returns the
-//! input's gradient only when the weight is not a trainable `Var`, and a trainable
-//! weight's gradient in the weight's own layout. Where
+//! input's gradient only when the weight is not a trainable `Var`. Where
 //! [`set_f32_matmul_precision`](super::amx::set_f32_matmul_precision) asked for bf16 and
-//! the CPU has a bf16 kernel, its products (forward and both gradients) run on it.
+//! the CPU has a bf16 kernel (AMX tiles or AVX512-BF16 dot products), its products
+//! (forward and both gradients) run on it.
 
 use super::amx;
 use crate::error::Result;
@@ -22,15 +22,10 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let n = x.elem_count() / inp.max(1);
     let x2 = x.reshape((n, inp))?;
     let weight_grad = w.is_variable() || w.track_op();
-    // On the CPU every weight takes the op, so that a trainable weight's gradient comes
-    // out in its own `(out, in)` layout. Through candle's matmul on `w.t()` it came out
-    // transposed, and candle's transpose backward added it into the weight's gradient
-    // element by element through strided indices. A GPU keeps candle's matmul for
-    // trainable weights: its adds run as kernels whatever the strides.
-    let y = if weight_grad && !x2.device().is_cpu() {
+    let y = if weight_grad && !runs_on_amx(&x2, w) {
         x2.matmul(&w.t()?)?
     } else {
-        x2.apply_op2(w, LinearMatmul { weight_grad })?
+        x2.apply_op2(&w.t()?, LinearMatmul { weight_grad })?
     };
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
@@ -39,8 +34,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
-/// Whether a product of `a` and `b` runs on AMX tiles: bf16 products asked for, AMX
-/// available, both operands f32 on the CPU.
+/// Whether a product of `a` and `b` runs on a bf16 kernel: bf16 products asked for, a
+/// kernel available, both operands f32 on the CPU.
 fn runs_on_amx(a: &Tensor, b: &Tensor) -> bool {
     amx::enabled()
         && a.device().is_cpu()
@@ -49,7 +44,7 @@ fn runs_on_amx(a: &Tensor, b: &Tensor) -> bool {
         && b.dtype() == DType::F32
 }
 
-/// `a · b` for 2-D tensors, on AMX tiles where [`runs_on_amx`], else candle's matmul; no
+/// `a · b` for 2-D tensors, on a bf16 kernel where [`runs_on_amx`], else candle's matmul; no
 /// gradient of its own (it computes gradients).
 fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if runs_on_amx(a, b) {
@@ -59,8 +54,7 @@ fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `x (m, k) · wᵀ` for `w` `(n, k)`, with a backward for `x`, and for `w` where
-/// `weight_grad`.
+/// `x (m, k) · w_t (k, n)`, with a backward for `x`, and for `w_t` where `weight_grad`.
 struct LinearMatmul {
     weight_grad: bool,
 }
@@ -86,10 +80,9 @@ impl CustomOp2 for LinearMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let l2 = &l2.transpose(0, 1)?;
         let (m, n, k) = mnk(l1, l2)?;
         // A weight stored `(out, in)` (its transpose is the operand): a few rows are a
-        // decode step, bound by reading the weight once; more rows run on AMX tiles in
+        // decode step, bound by reading the weight once; more rows run on a bf16 kernel in
         // bf16 where asked for; up to a few hundred, a short prompt, where outer products
         // on the weight as stored beat packing both operands.
         let weight_rows = l2.stride() == [1, k];
@@ -126,7 +119,6 @@ impl CustomOp2 for LinearMatmul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let l2 = &l2.transpose(0, 1)?;
         let (m, n, k) = mnk(l1, l2)?;
         Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
     }
@@ -134,21 +126,20 @@ impl CustomOp2 for LinearMatmul {
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
+        w_t: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = product(grad, w)?;
-        // `gradᵀ · x`: `(n, k)` row-major, the weight's own layout.
-        let dw = match self.weight_grad {
-            true => Some(product(&grad.t()?, x)?),
+        let dx = product(grad, &w_t.t()?)?;
+        let dw_t = match self.weight_grad {
+            true => Some(product(&x.t()?, grad)?),
             false => None,
         };
-        Ok((Some(dx), dw))
+        Ok((Some(dx), dw_t))
     }
 }
 
-/// `a (m, k) · b (k, n)` on AMX tiles (any strides), candle's matmul where AMX cannot
+/// `a (m, k) · b (k, n)` on a bf16 kernel (any strides), candle's matmul where it cannot
 /// take the operands.
 struct AmxProduct;
 
@@ -173,8 +164,8 @@ impl CustomOp2 for AmxProduct {
     }
 }
 
-/// The product of two 2-D f32 operands on AMX tiles (see [`amx::matmul`]); `None` for
-/// another dtype or where AMX cannot take them.
+/// The product of two 2-D f32 operands on a bf16 kernel (see [`amx::matmul`]); `None`
+/// for another dtype or where no kernel can take them.
 fn amx_storage(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Option<CpuStorage> {
     let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
         return None;

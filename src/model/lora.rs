@@ -94,8 +94,11 @@ impl Adapter {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
-        let low = x.matmul(&self.a.t()?)?;
-        Ok((low.matmul(&self.b.t()?)? * self.scale)?.to_dtype(dtype)?)
+        // The scale multiplies the `(n, r)` activations, not the `(n, out)` output: r values
+        // a row instead of `out`, forward and backward. The products stay f32 whatever the
+        // matmul precision (candle's matmul, not `linear`).
+        let low = (x.matmul(&self.a.t()?)? * self.scale)?;
+        Ok(low.matmul(&self.b.t()?)?.to_dtype(dtype)?)
     }
 
     /// `weight + (α / r)·B·A` in the weight's dtype: the adapter merged into the weight
