@@ -24,11 +24,12 @@
 //! from `TrainConfig::matmul_precision`) asked for [`MatmulPrecision::Bf16`] and the CPU
 //! has one of the two kernels ([`bf16_kernel`]); everywhere else products stay f32.
 //!
-//! Measured (session 12, a 2-core Xeon with AMX): training steps 1.41-1.58× faster, prefill
-//! 1.3-2.0×;
-//! a conversion's model at equal steps a little worse than with f32 products (worst
-//! held-out perplexity ratio +0.02 / +0.06, mean +0.04 / +0.05 over two seeds), so
-//! `convert` keeps f32 unless `--matmul bf16`.
+//! Measured: training steps 1.41-1.58× faster and prefill 1.3-2.0× on a 2-core Xeon with
+//! AMX (session 12); training steps 1.28-1.88× and prefill 1.3-1.9× on a 2-core AMD EPYC
+//! (Zen 4) with the dot products (session 13). A conversion's model at equal steps is a
+//! little worse than with f32 products (worst held-out perplexity ratio +0.02 / +0.06 /
+//! +0.03, mean +0.04 / +0.05 / +0.04 over three runs), so `convert` keeps f32 unless
+//! `--matmul bf16`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -42,8 +43,8 @@ pub enum MatmulPrecision {
     /// Operands rounded to bf16 (round to nearest, ties to even; values below about
     /// 1.2e-38 count as zero, as AMX takes them), products summed in f32, on AMX tiles
     /// or AVX512-BF16 dot products where the CPU has them ([`bf16_kernel`]); f32
-    /// elsewhere. Forward products of at
-    /// most 8 rows (decode steps, bound by reading the weight) stay f32.
+    /// elsewhere. Forward products of at most 8 rows (decode steps, bound by reading the
+    /// weight) stay f32.
     Bf16,
 }
 
