@@ -41,7 +41,9 @@ pub enum MatmulPrecision {
     #[default]
     Highest,
     /// Operands rounded to bf16 (round to nearest, ties to even; values below about
-    /// 1.2e-38 count as zero, as AMX takes them), products summed in f32, on AMX tiles
+    /// 1.2e-38 count as zero, as AMX takes them), products summed in f32 (partial sums and
+    /// results below about 1.2e-38 flushed to zero, as both kernels' instructions do, per
+    /// chunk of 1 024 reduction values), on AMX tiles
     /// or AVX512-BF16 dot products where the CPU has them ([`bf16_kernel`]); f32
     /// elsewhere. Forward products of at most 8 rows (decode steps, bound by reading the
     /// weight) stay f32.
