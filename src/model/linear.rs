@@ -22,7 +22,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let n = x.elem_count() / inp.max(1);
     let x2 = x.reshape((n, inp))?;
     let weight_grad = w.is_variable() || w.track_op();
-    let y = if weight_grad && !runs_on_amx(&x2, w) {
+    let y = if weight_grad && !runs_in_bf16(&x2, w) {
         x2.matmul(&w.t()?)?
     } else {
         x2.apply_op2(&w.t()?, LinearMatmul { weight_grad })?
@@ -36,7 +36,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Whether a product of `a` and `b` runs on a bf16 kernel: bf16 products asked for, a
 /// kernel available, both operands f32 on the CPU.
-fn runs_on_amx(a: &Tensor, b: &Tensor) -> bool {
+fn runs_in_bf16(a: &Tensor, b: &Tensor) -> bool {
     amx::enabled()
         && a.device().is_cpu()
         && b.device().is_cpu()
@@ -44,11 +44,11 @@ fn runs_on_amx(a: &Tensor, b: &Tensor) -> bool {
         && b.dtype() == DType::F32
 }
 
-/// `a · b` for 2-D tensors, on a bf16 kernel where [`runs_on_amx`], else candle's matmul; no
+/// `a · b` for 2-D tensors, on a bf16 kernel where [`runs_in_bf16`], else candle's matmul; no
 /// gradient of its own (it computes gradients).
 fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if runs_on_amx(a, b) {
-        a.apply_op2_no_bwd(b, &AmxProduct)
+    if runs_in_bf16(a, b) {
+        a.apply_op2_no_bwd(b, &Bf16Product)
     } else {
         a.matmul(b)
     }
@@ -87,7 +87,7 @@ impl CustomOp2 for LinearMatmul {
         // on the weight as stored beat packing both operands.
         let weight_rows = l2.stride() == [1, k];
         if m > super::gemv::MAX_ROWS && amx::enabled() {
-            if let Some(y) = amx_storage(s1, l1, s2, l2) {
+            if let Some(y) = bf16_storage(s1, l1, s2, l2) {
                 return Ok((y, Shape::from((m, n))));
             }
         }
@@ -141,11 +141,11 @@ impl CustomOp2 for LinearMatmul {
 
 /// `a (m, k) · b (k, n)` on a bf16 kernel (any strides), candle's matmul where it cannot
 /// take the operands.
-struct AmxProduct;
+struct Bf16Product;
 
-impl CustomOp2 for AmxProduct {
+impl CustomOp2 for Bf16Product {
     fn name(&self) -> &'static str {
-        "amx-product"
+        "bf16-product"
     }
 
     fn cpu_fwd(
@@ -156,7 +156,7 @@ impl CustomOp2 for AmxProduct {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k) = mnk(l1, l2)?;
-        let y = match amx_storage(s1, l1, s2, l2) {
+        let y = match bf16_storage(s1, l1, s2, l2) {
             Some(y) => y,
             None => s1.matmul(s2, (1, m, n, k), l1, l2)?,
         };
@@ -166,7 +166,7 @@ impl CustomOp2 for AmxProduct {
 
 /// The product of two 2-D f32 operands on a bf16 kernel (see [`amx::matmul`]); `None`
 /// for another dtype or where no kernel can take them.
-fn amx_storage(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Option<CpuStorage> {
+fn bf16_storage(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Option<CpuStorage> {
     let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
         return None;
     };

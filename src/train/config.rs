@@ -92,8 +92,9 @@ pub struct TrainConfig {
     /// Weight of the MoD auxiliary predictor loss (top-k routers only).
     pub topk_aux_weight: f64,
     /// Precision of the linear layers' f32 products during training steps (forward,
-    /// teacher and both gradients) on the CPU: [`MatmulPrecision::Bf16`] runs them on
-    /// AMX tiles where the CPU has them (see [`crate::model::amx`]).
+    /// teacher and both gradients) on the CPU: [`MatmulPrecision::Bf16`] runs them in
+    /// bf16 on AMX tiles or AVX512-BF16 dot products where the CPU has either (see
+    /// [`crate::model::amx::bf16_kernel`]).
     pub matmul_precision: MatmulPrecision,
 }
 
