@@ -12,6 +12,7 @@ Set-up, from the repository root:
     python3 -m venv out/peers/venv && out/peers/venv/bin/pip install torch transformers safetensors
     cargo run --release --example export            # writes out/smollm2-hf
     out/peers/venv/bin/python benches/peers/pytorch.py out/smollm2-hf [reps] [decode_steps] [bf16]
+With PEER_INFERENCE_ONLY=1 in the environment it stops after prefill and decode.
 """
 
 import glob
@@ -67,6 +68,9 @@ with torch.inference_mode():
 
     rates = [decode() for _ in range(reps + 1)][1:]
     row("decode tokens/s (after 512)", statistics.median(rates))
+
+if os.environ.get("PEER_INFERENCE_ONLY"):
+    sys.exit(0)
 
 # Training: 4 rows of 256 tokens.
 batch = ids[:, : 4 * 256].reshape(4, 256)
