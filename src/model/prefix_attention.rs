@@ -18,10 +18,16 @@ use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Keys per block of the score loop: four 16-lane vectors of independent sums.
+/// Keys per block of the transposed key layout.
 const KEY_BLOCK: usize = 64;
-/// Head dimensions per pass of the value sum: four 16-lane vectors of sums.
-const VALUE_BLOCK: usize = 64;
+/// Width in floats of the register tile of the score and value loops (`GROUP` rows of
+/// it) with AVX-512: four 16-lane vectors, 24 of its 32 registers. Also the value tile of
+/// a decode step, which streams each value row once.
+const TILE_WIDE: usize = 64;
+/// The tile width with AVX2 (and in the portable build): AVX2 has 16 registers of 8
+/// lanes, so a tile of 64 spilled its sums to the stack on every key (a 2048-token
+/// prefill ran 16-30% slower on a Zen 3 EPYC); two vectors of 8 (12 registers) stay put.
+const TILE_NARROW: usize = 16;
 /// Queries per parallel task.
 const QUERY_TASK: usize = 36;
 
@@ -335,8 +341,8 @@ fn kernel(keys: Keys) -> Kernel {
         }
     }
     match rows {
-        false => attend_group::<false, false>,
-        true => attend_group::<false, true>,
+        false => attend_group::<false, false, TILE_NARROW>,
+        true => attend_group::<false, true, TILE_NARROW>,
     }
 }
 
@@ -349,7 +355,7 @@ fn group_avx512<const ROWS: bool>(
     scale: f32,
     out: &mut [f32],
 ) {
-    attend_group::<true, ROWS>(group, keys, v, scale, out)
+    attend_group::<true, ROWS, TILE_WIDE>(group, keys, v, scale, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -361,15 +367,15 @@ fn group_avx2<const ROWS: bool>(
     scale: f32,
     out: &mut [f32],
 ) {
-    attend_group::<true, ROWS>(group, keys, v, scale, out)
+    attend_group::<true, ROWS, TILE_NARROW>(group, keys, v, scale, out)
 }
 
 /// `out[r] = softmax(q_r·K[..n_r]ᵀ·scale)·V[..n_r]` for the group's queries; zero where
 /// `n_r = 0`. `keys`: row-major `(Tk, hd)` if `ROWS`, else in transposed blocks; `v`:
-/// `(Tk, hd)`. Plain loops over fixed-width blocks, so that they vectorise at the width
-/// the caller is compiled for.
+/// `(Tk, hd)`. Plain loops over register tiles `W` floats wide, so that they vectorise at
+/// the width the caller is compiled for.
 #[inline(always)]
-fn attend_group<const FMA: bool, const ROWS: bool>(
+fn attend_group<const FMA: bool, const ROWS: bool, const W: usize>(
     group: &mut Group,
     keys: &[f32],
     v: &[f32],
@@ -382,33 +388,60 @@ fn attend_group<const FMA: bool, const ROWS: bool>(
     if ROWS {
         row_scores::<FMA>(group, keys, longest, out.len() / group.hd, scale);
     } else {
-        transposed_scores::<FMA>(group, keys, blocks, scale);
+        transposed_scores::<FMA, W>(group, keys, blocks, scale);
     }
-    softmax_and_values::<FMA>(group, v, blocks, longest, out);
+    if ROWS {
+        // A decode step is bound by reading the cache: one pass over each value row (a
+        // tile as wide as the head) streams it once; narrow tiles would sweep it four times.
+        softmax_and_values::<FMA, TILE_WIDE>(group, v, blocks, longest, out);
+    } else {
+        softmax_and_values::<FMA, W>(group, v, blocks, longest, out);
+    }
 }
 
-/// Scores of the group's queries against `blocks` blocks of transposed keys, `GROUP × 4`
-/// vectors of sums in registers.
+/// Scores of the group's queries against `blocks` blocks of transposed keys, `W` keys of
+/// a block at a time: `GROUP × W` sums in registers.
 #[inline(always)]
-fn transposed_scores<const FMA: bool>(group: &mut Group, kt: &[f32], blocks: usize, scale: f32) {
+fn transposed_scores<const FMA: bool, const W: usize>(
+    group: &mut Group,
+    kt: &[f32],
+    blocks: usize,
+    scale: f32,
+) {
     let (hd, tk_pad) = (group.hd, group.tk_pad);
     for (block, keys) in kt.chunks_exact(hd * KEY_BLOCK).take(blocks).enumerate() {
-        let mut acc = [[0f32; KEY_BLOCK]; GROUP];
-        for (d, keys) in keys.chunks_exact(KEY_BLOCK).enumerate() {
-            let q: [f32; GROUP] = std::array::from_fn(|r| group.queries[r * hd + d]);
-            for r in 0..GROUP {
-                for l in 0..KEY_BLOCK {
-                    acc[r][l] = madd::<FMA>(q[r], keys[l], acc[r][l]);
+        for first in (0..KEY_BLOCK).step_by(W) {
+            let acc = score_tile::<FMA, W>(&group.queries, hd, &keys[first..]);
+            for (r, acc) in acc.iter().enumerate() {
+                let s = &mut group.scores[r * tk_pad + block * KEY_BLOCK + first..][..W];
+                for l in 0..W {
+                    s[l] = acc[l] * scale;
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let s = &mut group.scores[r * tk_pad + block * KEY_BLOCK..][..KEY_BLOCK];
-            for l in 0..KEY_BLOCK {
-                s[l] = acc[l] * scale;
+    }
+}
+
+/// `q_r · k_l` for the group's queries `r` (`queries` `(GROUP, hd)`) and `W` keys of a
+/// transposed block (`keys[d · KEY_BLOCK + l]` is dimension d of key l). A function of
+/// its own for the same reason as [`value_block`].
+#[inline(always)]
+fn score_tile<const FMA: bool, const W: usize>(
+    queries: &[f32],
+    hd: usize,
+    keys: &[f32],
+) -> [[f32; W]; GROUP] {
+    let mut acc = [[0f32; W]; GROUP];
+    for d in 0..hd {
+        let k = &keys[d * KEY_BLOCK..][..W];
+        let q: [f32; GROUP] = std::array::from_fn(|r| queries[r * hd + d]);
+        for r in 0..GROUP {
+            for l in 0..W {
+                acc[r][l] = madd::<FMA>(q[r], k[l], acc[r][l]);
             }
         }
     }
+    acc
 }
 
 /// Scores of the first `rows` queries against the first `longest` keys of `k` `(Tk, hd)`
@@ -440,25 +473,25 @@ fn row_scores<const FMA: bool>(
     }
 }
 
-/// `Σ_j p_rj · V_j[start..start + VALUE_BLOCK]` for each query `r` of the group, over the
+/// `Σ_j p_rj · V_j[start..start + W]` for each query `r` of the group, over the
 /// keys `j < probs[r].len()` (every row of `probs` as long, at most `v`'s rows). The sums
 /// live in registers: a function of their own, so that nothing else takes the address of
 /// `acc` (sharing it with the narrow loop made LLVM store all 24 vectors on every key).
 #[inline(always)]
-fn value_block<const FMA: bool>(
+fn value_block<const FMA: bool, const W: usize>(
     v: &[f32],
     hd: usize,
     start: usize,
     probs: &[&[f32]; GROUP],
-) -> [[f32; VALUE_BLOCK]; GROUP] {
-    let mut acc = [[0f32; VALUE_BLOCK]; GROUP];
+) -> [[f32; W]; GROUP] {
+    let mut acc = [[0f32; W]; GROUP];
     let keys = probs[0].len();
     let probs: [&[f32]; GROUP] = std::array::from_fn(|r| &probs[r][..keys]);
     for (j, row) in v.chunks_exact(hd).take(keys).enumerate() {
-        let value = &row[start..][..VALUE_BLOCK];
+        let value = &row[start..][..W];
         let p: [f32; GROUP] = std::array::from_fn(|r| probs[r][j]);
         for r in 0..GROUP {
-            for l in 0..VALUE_BLOCK {
+            for l in 0..W {
                 acc[r][l] = madd::<FMA>(p[r], value[l], acc[r][l]);
             }
         }
@@ -466,15 +499,15 @@ fn value_block<const FMA: bool>(
     acc
 }
 
-/// [`value_block`] for the last `hd - start < VALUE_BLOCK` head dimensions (zero beyond).
+/// [`value_block`] for the last `hd - start < W` head dimensions (zero beyond).
 #[inline(always)]
-fn narrow_value_block<const FMA: bool>(
+fn narrow_value_block<const FMA: bool, const W: usize>(
     v: &[f32],
     hd: usize,
     start: usize,
     probs: &[&[f32]; GROUP],
-) -> [[f32; VALUE_BLOCK]; GROUP] {
-    let mut acc = [[0f32; VALUE_BLOCK]; GROUP];
+) -> [[f32; W]; GROUP] {
+    let mut acc = [[0f32; W]; GROUP];
     for (j, row) in v.chunks_exact(hd).take(probs[0].len()).enumerate() {
         for (acc, probs) in acc.iter_mut().zip(probs) {
             for (a, &x) in acc.iter_mut().zip(&row[start..]) {
@@ -487,7 +520,7 @@ fn narrow_value_block<const FMA: bool>(
 
 /// Softmax of each query's scores over its visible keys, then `out[r] = Σ_j p_rj · V_j`.
 #[inline(always)]
-fn softmax_and_values<const FMA: bool>(
+fn softmax_and_values<const FMA: bool, const W: usize>(
     group: &mut Group,
     v: &[f32],
     blocks: usize,
@@ -509,16 +542,16 @@ fn softmax_and_values<const FMA: bool>(
             inv[r] = 1.0 / lane_sum(seen);
         }
     }
-    // The weighted sums of values, `VALUE_BLOCK` head dimensions at a time in registers
+    // The weighted sums of values, `W` head dimensions at a time in registers
     // (a head width that is not a multiple of it takes the narrower remainder pass).
     let rows = out.len() / hd;
     let probs: [&[f32]; GROUP] = std::array::from_fn(|r| &group.scores[r * tk_pad..][..longest]);
-    for start in (0..hd).step_by(VALUE_BLOCK) {
-        let w = VALUE_BLOCK.min(hd - start);
-        let acc = if w == VALUE_BLOCK {
-            value_block::<FMA>(v, hd, start, &probs)
+    for start in (0..hd).step_by(W) {
+        let w = W.min(hd - start);
+        let acc = if w == W {
+            value_block::<FMA, W>(v, hd, start, &probs)
         } else {
-            narrow_value_block::<FMA>(v, hd, start, &probs)
+            narrow_value_block::<FMA, W>(v, hd, start, &probs)
         };
         for r in 0..rows {
             for (o, a) in out[r * hd + start..][..w].iter_mut().zip(acc[r]) {
