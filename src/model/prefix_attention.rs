@@ -387,14 +387,11 @@ fn attend_group<const FMA: bool, const ROWS: bool, const W: usize>(
     // Scores of every query against the keys any of them sees.
     if ROWS {
         row_scores::<FMA>(group, keys, longest, out.len() / group.hd, scale);
-    } else {
-        transposed_scores::<FMA, W>(group, keys, blocks, scale);
-    }
-    if ROWS {
         // A decode step is bound by reading the cache: one pass over each value row (a
         // tile as wide as the head) streams it once; narrow tiles would sweep it four times.
         softmax_and_values::<FMA, TILE_WIDE>(group, v, blocks, longest, out);
     } else {
+        transposed_scores::<FMA, W>(group, keys, blocks, scale);
         softmax_and_values::<FMA, W>(group, v, blocks, longest, out);
     }
 }
