@@ -8,6 +8,8 @@
 #   sub=split  one gate for the attention sublayer and one for the MLP (each may skip alone)
 #   sub=mlp    attention for every token; only the MLP is routed (FlexiDepth's split)
 #   ctl=onoff  (default) push at alpha while compute > F; ctl=dual: lambda += eta·(compute − F), push at lambda
+#   hid=β      (session 16) adds β · the mean over layers of each layer output's relative squared error
+#              against the teacher's, ‖h − h_teacher‖² / ‖h_teacher‖² per token (intermediate distillation)
 # Usage: python prototype-sublayer.py model=<HF folder from the exporter> corpus=assets/corpus \
 #            sub=block|split|mlp [ctl=onoff|dual eta=1.0] steps=80 target=0.85 [alpha=0.1] [train=all|routers]
 # Prints the held-out perplexity ratio per source (first 4 × 256 tokens of each), the held-out compute
@@ -76,10 +78,18 @@ def make_forward(j, layer):
         elif gm is not None: wm, km, gmm = gate(gm, j, x1)
         else: wm, km, gmm = one
         y = x1 + wm.unsqueeze(-1) * layer.mlp(layer.post_attention_layernorm(x1))
-        stats[j] = (ka, gma, km, gmm)
+        stats[j] = (ka, gma, km, gmm); student_h[j] = y
         return y
     layer.forward = fwd
 for j in routed: make_forward(j, model.model.layers[j])
+HID = float(args.get('hid', 0.0)); student_h, teacher_h = {}, {}
+def keep_output(j):
+    def hook(module, inputs, out): teacher_h[j] = out[0] if isinstance(out, tuple) else out
+    return hook
+for j in range(L): teacher.model.layers[j].register_forward_hook(keep_output(j))
+def hidden_loss():
+    errs = [((student_h[j] - teacher_h[j]) ** 2).sum(-1) / (teacher_h[j] ** 2).sum(-1).clamp_min(1e-6) for j in routed]
+    return torch.stack([e.mean() for e in errs]).mean()
 def compute_fraction():
     saved = sum((1 - stats[j][0]) * c_attn_skip + (1 - stats[j][2]) * c_mlp for j in routed)
     return 1 - saved / dense
@@ -113,9 +123,10 @@ for step in range(1, STEPS + 1):
     if CTL == 'dual':   # integral control: lambda grows while compute is above the budget, shrinks below
         lam = max(0.0, lam + ETA * (C - BUDGET)); aux = lam * push
     else: aux = ALPHA * float(C > BUDGET) * push
-    loss = kl + aux; opt.zero_grad(); loss.backward(); opt.step()
+    hid = hidden_loss() if HID > 0 else torch.tensor(0.0)
+    loss = kl + HID * hid + aux; opt.zero_grad(); loss.backward(); opt.step()
     if step % 10 == 0:
-        print(f'step {step} kl {kl.item():.3f} compute {C:.3f} lam {lam:.3f} {B*T*step/(time.time()-t0):.0f} tok/s', flush=True)
+        print(f'step {step} kl {kl.item():.3f} hid {hid.item():.4f} compute {C:.3f} lam {lam:.3f} {B*T*step/(time.time()-t0):.0f} tok/s', flush=True)
 pf, comp, kept = evaluate(model)
 ratio = {k: pf[k] / orig[k] for k in pf}
 print('final', {k: round(v, 3) for k, v in ratio.items()}, 'compute', round(comp, 3), 'worst', round(max(ratio.values()), 3),
