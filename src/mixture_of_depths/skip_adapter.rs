@@ -63,8 +63,8 @@ impl SkipAdapter {
     pub fn update(&self, normed: &Tensor) -> Result<Tensor> {
         let dtype = normed.dtype();
         let n = normed.to_dtype(DType::F32)?;
-        // The crate's projection product: the decode and short-prompt kernels for a loaded
-        // model, candle's matmul (with the weights' gradients) for a trained one.
+        // The crate's projection product: the decode and short-prompt kernels, and the
+        // weights' gradients when they are trained.
         let hidden = candle_nn::ops::silu(&linear(&n, &self.down)?)?;
         Ok(linear(&hidden, &self.up)?.to_dtype(dtype)?)
     }

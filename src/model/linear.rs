@@ -3,7 +3,9 @@
 //! candle 0.11's matmul backward always computes both operands' gradients, so a
 //! router-only conversion would spend a third of its backward pass on gradients of frozen
 //! base weights that are thrown away. [`linear`] uses a matmul whose backward returns the
-//! input's gradient only when the weight is not a trainable `Var`. Where
+//! input's gradient only when the weight is not a trainable `Var`; its f32 products that
+//! go to `gemm` write straight into their output (candle's matmul zero-fills it first,
+//! on one thread). Where
 //! [`set_f32_matmul_precision`](super::amx::set_f32_matmul_precision) asked for bf16 and
 //! the CPU has a bf16 kernel (AMX tiles or AVX512-BF16 dot products), its products
 //! (forward and both gradients) run on it.
@@ -22,11 +24,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let n = x.elem_count() / inp.max(1);
     let x2 = x.reshape((n, inp))?;
     let weight_grad = w.is_variable() || w.track_op();
-    let y = if weight_grad && !runs_in_bf16(&x2, w) {
-        x2.matmul(&w.t()?)?
-    } else {
-        x2.apply_op2(&w.t()?, LinearMatmul { weight_grad })?
-    };
+    let y = x2.apply_op2(&w.t()?, LinearMatmul { weight_grad })?;
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = w.dim(0)?;
@@ -44,14 +42,68 @@ fn runs_in_bf16(a: &Tensor, b: &Tensor) -> bool {
         && b.dtype() == DType::F32
 }
 
-/// `a · b` for 2-D tensors, on a bf16 kernel where [`runs_in_bf16`], else candle's matmul; no
+/// `a · b` for 2-D tensors, on a bf16 kernel where [`runs_in_bf16`], else by `gemm`
+/// straight into its output ([`gemm_f32`]) for f32 on the CPU, else candle's matmul; no
 /// gradient of its own (it computes gradients).
 fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if runs_in_bf16(a, b) {
-        a.apply_op2_no_bwd(b, &Bf16Product)
+    let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if runs_in_bf16(a, b) || cpu_f32 {
+        a.apply_op2_no_bwd(b, &Product)
     } else {
         a.matmul(b)
     }
+}
+
+/// `a (m, k) · b (k, n)` for f32 operands in any strides, by `gemm` writing straight into
+/// a fresh `(m, n)` buffer: candle's CPU matmul first fills its output with zeros on the
+/// calling thread while the other threads wait (2-4% of a prefill's and of a routed
+/// layer's samples on a Zen 3). `None` when a layout is not 2-D, the inner dimensions
+/// differ, or an operand's slice is shorter than its strides reach.
+fn gemm_f32(a: &[f32], la: &Layout, b: &[f32], lb: &Layout) -> Option<Vec<f32>> {
+    let ((m, k), (k2, n)) = (la.shape().dims2().ok()?, lb.shape().dims2().ok()?);
+    // The furthest element an operand's strides reach must lie within its slice.
+    let reaches = |len: usize, l: &Layout, rows: usize, cols: usize| {
+        let [rs, cs] = l.stride() else { return false };
+        rows == 0 || cols == 0 || l.start_offset() + (rows - 1) * rs + (cols - 1) * cs < len
+    };
+    if k != k2 || !reaches(a.len(), la, m, k) || !reaches(b.len(), lb, k, n) {
+        return None;
+    }
+    let (sa, sb) = (la.stride(), lb.stride());
+    let mut y = Vec::with_capacity(m * n);
+    let threads = rayon::current_num_threads();
+    let parallelism = match threads {
+        0 | 1 => gemm::Parallelism::None,
+        _ => gemm::Parallelism::Rayon(threads),
+    };
+    // SAFETY: the operands' strides stay within their slices (checked above); `y` has room
+    // for the m × n row-major output, every element of which gemm writes when it does not
+    // read the destination (zeros when k = 0).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a[la.start_offset()..].as_ptr(),
+            sa[1] as isize,
+            sa[0] as isize,
+            b[lb.start_offset()..].as_ptr(),
+            sb[1] as isize,
+            sb[0] as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        y.set_len(m * n);
+    }
+    Some(y)
 }
 
 /// `x (m, k) · w_t (k, n)`, with a backward for `x`, and for `w_t` where `weight_grad`.
@@ -109,6 +161,11 @@ impl CustomOp2 for LinearMatmul {
                 }
             }
         }
+        if let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) {
+            if let Some(y) = gemm_f32(x, l1, w, l2) {
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            }
+        }
         Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
     }
 
@@ -139,13 +196,13 @@ impl CustomOp2 for LinearMatmul {
     }
 }
 
-/// `a (m, k) · b (k, n)` on a bf16 kernel (any strides), candle's matmul where it cannot
-/// take the operands.
-struct Bf16Product;
+/// `a (m, k) · b (k, n)` (any strides) on a bf16 kernel where one is enabled and can take
+/// the operands, else by [`gemm_f32`] for f32, else candle's matmul.
+struct Product;
 
-impl CustomOp2 for Bf16Product {
+impl CustomOp2 for Product {
     fn name(&self) -> &'static str {
-        "bf16-product"
+        "product"
     }
 
     fn cpu_fwd(
@@ -156,7 +213,14 @@ impl CustomOp2 for Bf16Product {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k) = mnk(l1, l2)?;
-        let y = match bf16_storage(s1, l1, s2, l2) {
+        let bf16 = amx::enabled()
+            .then(|| bf16_storage(s1, l1, s2, l2))
+            .flatten();
+        let f32 = || match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => gemm_f32(a, l1, b, l2).map(CpuStorage::F32),
+            _ => None,
+        };
+        let y = match bf16.or_else(f32) {
             Some(y) => y,
             None => s1.matmul(s2, (1, m, n, k), l1, l2)?,
         };
@@ -334,7 +398,78 @@ impl Projection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gemv::tests::{assert_is_the_product, operands};
     use candle_core::{Device, Var};
+
+    /// [`gemm_f32`] on the storage and layouts of two f32 CPU tensors.
+    fn gemm_of(a: &Tensor, b: &Tensor) -> Option<Vec<f32>> {
+        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        match (&*sa, &*sb) {
+            (
+                candle_core::Storage::Cpu(CpuStorage::F32(a)),
+                candle_core::Storage::Cpu(CpuStorage::F32(b)),
+            ) => gemm_f32(a, la, b, lb),
+            _ => panic!("f32 CPU tensors expected"),
+        }
+    }
+
+    #[test]
+    fn gemm_writes_the_product_of_strided_operands() {
+        // x (m, k) as stored and w (n, k) read as its transpose (k, n), both views into
+        // larger buffers at an offset.
+        let dev = Device::Cpu;
+        for (m, k, n) in [(300, 70, 45), (9, 576, 192), (1, 3, 1)] {
+            let (x, w) = operands(m, k, n);
+            let view = |v: &[f32], rows: usize| {
+                let big: Vec<f32> = [vec![7.0; 5], v.to_vec()].concat();
+                let len = big.len();
+                Tensor::from_vec(big, len, &dev)
+                    .and_then(|t| t.narrow(0, 5, v.len()))
+                    .and_then(|t| t.reshape((rows, k)))
+                    .unwrap()
+            };
+            let y = gemm_of(&view(&x, m), &view(&w, n).t().unwrap()).expect("operands that fit");
+            assert_is_the_product(&x, m, k, &w, n, &y);
+        }
+        // k = 0: every output is written, as zero.
+        let (a, b) = (
+            Tensor::zeros((4, 0), DType::F32, &dev).unwrap(),
+            Tensor::zeros((0, 3), DType::F32, &dev).unwrap(),
+        );
+        assert_eq!(gemm_of(&a, &b), Some(vec![0.0; 12]));
+        // A layout whose strides reach past its slice is refused, not read.
+        let short = Layout::contiguous_with_offset((2, 3), 1);
+        let fits = Layout::contiguous((3, 2));
+        assert_eq!(gemm_f32(&[0.0; 6], &short, &[0.0; 6], &fits), None);
+    }
+
+    #[test]
+    fn a_trainable_weight_gets_the_product_as_its_gradient() {
+        // dL/dW for L = Σ (x · Wᵀ) ⊙ R is Rᵀ · x: the shared f64 check with rows of W as
+        // outputs, Rᵀ (n, m) times x (m, k), i.e. Rᵀ · (xᵀ)ᵀ.
+        let (m, k, n) = (300, 70, 45);
+        let (x, w) = operands(m, k, n);
+        let dev = Device::Cpu;
+        let weight = Var::from_vec(w, (n, k), &dev).unwrap();
+        let xs = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+        let (r, _) = operands(m, n, 1);
+        let rt = Tensor::from_vec(r.clone(), (m, n), &dev).unwrap();
+        let loss = (linear(&xs, weight.as_tensor()).unwrap() * rt)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let dw: Vec<f32> = grads
+            .get(&weight)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let r_t: Vec<f32> = (0..n * m).map(|i| r[(i % m) * n + i / m]).collect();
+        let x_t: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
+        assert_is_the_product(&r_t, n, m, &x_t, k, &dw);
+    }
 
     #[test]
     fn the_input_gradient_through_a_frozen_weight_is_the_product_computed_in_f64() {
