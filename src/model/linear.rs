@@ -64,7 +64,17 @@ fn gemm_f32(a: &[f32], la: &Layout, b: &[f32], lb: &Layout) -> Option<Vec<f32>> 
     // The furthest element an operand's strides reach must lie within its slice.
     let reaches = |len: usize, l: &Layout, rows: usize, cols: usize| {
         let [rs, cs] = l.stride() else { return false };
-        rows == 0 || cols == 0 || l.start_offset() + (rows - 1) * rs + (cols - 1) * cs < len
+        let last = (rows.checked_sub(1), cols.checked_sub(1));
+        let (Some(r), Some(c)) = last else {
+            return true; // an empty operand reads nothing
+        };
+        let furthest = (r.checked_mul(*rs), c.checked_mul(*cs));
+        let (Some(a), Some(b)) = furthest else {
+            return false;
+        };
+        a.checked_add(b)
+            .and_then(|x| x.checked_add(l.start_offset()))
+            .is_some_and(|x| x < len)
     };
     if k != k2 || !reaches(a.len(), la, m, k) || !reaches(b.len(), lb, k, n) {
         return None;
