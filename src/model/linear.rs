@@ -411,6 +411,19 @@ mod tests {
     use crate::model::gemv::tests::{assert_is_the_product, operands};
     use candle_core::{Device, Var};
 
+    /// `dL/d var` for `L = Σ y ⊙ r`, flattened.
+    fn gradient(y: &Tensor, r: &Tensor, var: &Var) -> Vec<f32> {
+        let loss = (y * r).and_then(|l| l.sum_all()).unwrap();
+        let grads = loss.backward().unwrap();
+        grads
+            .get(var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     /// [`gemm_f32`] on the storage and layouts of two f32 CPU tensors.
     fn gemm_of(a: &Tensor, b: &Tensor) -> Option<Vec<f32>> {
         let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
@@ -464,18 +477,7 @@ mod tests {
         let xs = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
         let (r, _) = operands(m, n, 1);
         let rt = Tensor::from_vec(r.clone(), (m, n), &dev).unwrap();
-        let loss = (linear(&xs, weight.as_tensor()).unwrap() * rt)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let grads = loss.backward().unwrap();
-        let dw: Vec<f32> = grads
-            .get(&weight)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let dw = gradient(&linear(&xs, weight.as_tensor()).unwrap(), &rt, &weight);
         let r_t: Vec<f32> = (0..n * m).map(|i| r[(i % m) * n + i / m]).collect();
         let x_t: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
         assert_is_the_product(&r_t, n, m, &x_t, k, &dw);
@@ -501,18 +503,7 @@ mod tests {
             .unwrap();
             let r: Vec<f32> = (0..m * n).map(|i| value(i, 29)).collect();
             let r_t = Tensor::from_vec(r.clone(), (m, n), &Device::Cpu).unwrap();
-            let loss = (linear(x.as_tensor(), &weight).unwrap() * r_t)
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            let grads = loss.backward().unwrap();
-            let dx: Vec<f32> = grads
-                .get(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let dx = gradient(&linear(x.as_tensor(), &weight).unwrap(), &r_t, &x);
             crate::model::gemv::tests::assert_is_the_product(&r, m, n, &w_t, k, &dx);
         }
     }
