@@ -32,22 +32,15 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
-/// Whether a product of `a` and `b` runs on a bf16 kernel: bf16 products asked for, a
-/// kernel available, both operands f32 on the CPU.
-fn runs_in_bf16(a: &Tensor, b: &Tensor) -> bool {
-    amx::enabled()
-        && a.device().is_cpu()
+/// `a · b` for 2-D tensors: f32 operands on the CPU through [`Product`] (a bf16 kernel
+/// where bf16 products are asked for and available, else `gemm` straight into the output),
+/// others through candle's matmul; no gradient of its own (it computes gradients).
+fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let cpu_f32 = a.device().is_cpu()
         && b.device().is_cpu()
         && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
-}
-
-/// `a · b` for 2-D tensors, on a bf16 kernel where [`runs_in_bf16`], else by `gemm`
-/// straight into its output ([`gemm_f32`]) for f32 on the CPU, else candle's matmul; no
-/// gradient of its own (it computes gradients).
-fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let cpu_f32 = a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    if runs_in_bf16(a, b) || cpu_f32 {
+        && b.dtype() == DType::F32;
+    if cpu_f32 {
         a.apply_op2_no_bwd(b, &Product)
     } else {
         a.matmul(b)
