@@ -224,7 +224,8 @@ impl ModModel {
     /// `causal` for the per-token decision generation makes. Every layer, dense or routed,
     /// in every mode, runs through [`layer::sparse_layer`].
     ///
-    /// A failure half-way leaves `cache` as it was before the call.
+    /// A failure half-way leaves `cache` as it was before the call. Runs on a thread of
+    /// rayon's pool (see `model::on_pool`).
     pub(crate) fn run(
         &self,
         batch: &Batch,
@@ -233,7 +234,8 @@ impl ModModel {
         mut cache: Option<&mut KvCache>,
     ) -> Result<HiddenOutput> {
         let snapshot = cache.as_deref().map(KvCache::snapshot);
-        let result = self.run_layers(batch, mode, causal, cache.as_deref_mut());
+        let result =
+            crate::model::on_pool(|| self.run_layers(batch, mode, causal, cache.as_deref_mut()));
         if let (Err(_), Some(cache), Some(snapshot)) = (&result, cache, snapshot) {
             cache.restore(&snapshot);
         }

@@ -19,6 +19,7 @@ pub mod lora;
 pub mod mlp;
 #[cfg(feature = "cuda")]
 mod nvrtc;
+mod on_pool;
 pub mod ops;
 mod outer_product;
 pub mod prefix_attention;
@@ -39,4 +40,5 @@ pub use linear::Projection;
 pub use llama::Llama;
 pub use lora::LoraConfig;
 pub use mlp::Mlp;
+pub(crate) use on_pool::on_pool;
 pub use rope::{RopeAt, RotaryEmbedding};
