@@ -5,7 +5,7 @@
 //! base weights that are thrown away. [`linear`] uses a matmul whose backward returns the
 //! input's gradient only when the weight is not a trainable `Var`; its f32 products that
 //! go to `gemm` write straight into their output (candle's matmul zero-fills it first,
-//! on one thread). Where
+//! on one thread; with the `mkl` feature they go to candle's matmul, MKL's sgemm). Where
 //! [`set_f32_matmul_precision`](super::amx::set_f32_matmul_precision) asked for bf16 and
 //! the CPU has a bf16 kernel (AMX tiles or AVX512-BF16 dot products), its products
 //! (forward and both gradients) run on it.
@@ -51,8 +51,12 @@ fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// a fresh `(m, n)` buffer: candle's CPU matmul first fills its output with zeros on the
 /// calling thread while the other threads wait (2-4% of a prefill's and of a routed
 /// layer's samples on a Zen 3). `None` when a layout is not 2-D, the inner dimensions
-/// differ, or an operand's slice is shorter than its strides reach.
+/// differ, or an operand's slice is shorter than its strides reach, and always with the
+/// `mkl` feature.
 fn gemm_f32(a: &[f32], la: &Layout, b: &[f32], lb: &Layout) -> Option<Vec<f32>> {
+    if cfg!(feature = "mkl") {
+        return None; // the feature makes candle's matmul MKL's sgemm, which is what it is for
+    }
     let ((m, k), (k2, n)) = (la.shape().dims2().ok()?, lb.shape().dims2().ok()?);
     // The furthest element an operand's strides reach must lie within its slice.
     let reaches = |len: usize, l: &Layout, rows: usize, cols: usize| {
@@ -418,6 +422,7 @@ mod tests {
     }
 
     /// [`gemm_f32`] on the storage and layouts of two f32 CPU tensors.
+    #[cfg(not(feature = "mkl"))]
     fn gemm_of(a: &Tensor, b: &Tensor) -> Option<Vec<f32>> {
         let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
         match (&*sa, &*sb) {
@@ -430,6 +435,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "mkl"))] // with MKL, gemm_f32 leaves every product to candle's sgemm
     fn gemm_writes_the_product_of_strided_operands() {
         // x (m, k) as stored and w (n, k) read as its transpose (k, n), both views into
         // larger buffers at an offset.
