@@ -224,8 +224,8 @@ impl ModModel {
     /// `causal` for the per-token decision generation makes. Every layer, dense or routed,
     /// in every mode, runs through [`layer::sparse_layer`].
     ///
-    /// A failure half-way leaves `cache` as it was before the call. Runs on a thread of
-    /// rayon's pool (see `model::on_pool`).
+    /// A failure half-way leaves `cache` as it was before the call. In inference, runs on
+    /// a thread of rayon's pool (see `model::on_pool`).
     pub(crate) fn run(
         &self,
         batch: &Batch,
@@ -234,8 +234,13 @@ impl ModModel {
         mut cache: Option<&mut KvCache>,
     ) -> Result<HiddenOutput> {
         let snapshot = cache.as_deref().map(KvCache::snapshot);
-        let result =
-            crate::model::on_pool(|| self.run_layers(batch, mode, causal, cache.as_deref_mut()));
+        let result = match mode {
+            Mode::Inference => {
+                crate::model::on_pool(|| self.run_layers(batch, mode, causal, cache.as_deref_mut()))
+            }
+            // Where its backward will run and allocate: see `model::on_pool`.
+            Mode::Training => self.run_layers(batch, mode, causal, cache.as_deref_mut()),
+        };
         if let (Err(_), Some(cache), Some(snapshot)) = (&result, cache, snapshot) {
             cache.restore(&snapshot);
         }

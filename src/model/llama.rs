@@ -260,10 +260,6 @@ impl Llama {
     ///
     /// Errors: as [`forward`](Self::forward).
     pub fn forward_hidden(&self, batch: &Batch) -> Result<Tensor> {
-        super::on_pool(|| self.forward_hidden_here(batch))
-    }
-
-    fn forward_hidden_here(&self, batch: &Batch) -> Result<Tensor> {
         self.check_batch(batch)?;
         let mut x = self.embed(batch.ids())?;
         let rope = self.rope.at(batch.positions(), self.dtype)?;
