@@ -234,12 +234,11 @@ impl ModModel {
         mut cache: Option<&mut KvCache>,
     ) -> Result<HiddenOutput> {
         let snapshot = cache.as_deref().map(KvCache::snapshot);
+        let mut layers = || self.run_layers(batch, mode, causal, cache.as_deref_mut());
         let result = match mode {
-            Mode::Inference => {
-                crate::model::on_pool(|| self.run_layers(batch, mode, causal, cache.as_deref_mut()))
-            }
+            Mode::Inference => crate::model::on_pool(layers),
             // Where its backward will run and allocate: see `model::on_pool`.
-            Mode::Training => self.run_layers(batch, mode, causal, cache.as_deref_mut()),
+            Mode::Training => layers(),
         };
         if let (Err(_), Some(cache), Some(snapshot)) = (&result, cache, snapshot) {
             cache.restore(&snapshot);
